@@ -1,0 +1,1354 @@
+#!/usr/bin/env python3
+"""mbroker: a single-threaded follower-maze message broker.
+
+One event source pushes a numbered, out-of-order stream of events; many user
+clients each represent one user. mbroker restores sequence order, keeps the
+follow graph, and forwards each event, byte for byte, to the clients it
+concerns. The behaviour contract is SPEC.md; README.md maps this file.
+
+    python mbroker.py [EVENT_PORT [CLIENT_PORT]]     # defaults 9090 9099
+
+The file is cut into sections, each opened by the rules it keeps:
+configuration, protocol, reorder buffer, exchange, transport, reactor,
+stats and dashboard, command line. Only transport and reactor touch sockets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import errno
+import heapq
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, fields
+
+__all__ = [
+    "BrokerConfig", "LineSplitter", "MalformedLine", "parse_event", "parse_user_id",
+    "ReorderBuffer", "Exchange", "EventPipeline", "CloseReason", "Broker", "main",
+]
+
+log = logging.getLogger("mbroker")
+
+# Sequence numbers and user ids may have any number of digits. CPython caps
+# int() at 4300 digits to stop quadratic parsing; --max-line already bounds
+# every field we parse, so the cap only gets in the way.
+sys.set_int_max_str_digits(0)
+
+
+# ============================================================================
+# Configuration
+#
+# Every limit the broker enforces lives here, with its default, and nowhere
+# else: the command line, the README and the tests all read these defaults.
+# ============================================================================
+
+MIB = 1024 * 1024
+
+
+@dataclass
+class BrokerConfig:
+    """Every tunable of the broker; field metadata doubles as --help text."""
+
+    host: str = "127.0.0.1"
+    event_port: int = 9090
+    client_port: int = 9099
+    max_line: int = 4096
+    max_pending: int = 1_000_000
+    hello_timeout: float = 10.0
+    max_client_buffer: int = 16 * MIB
+    write_timeout: float = 10.0
+    max_buffered: int = 256 * MIB
+    drain_timeout: float = 5.0
+    max_follows: int = 10_000_000
+    # How much the source socket is read per wake-up, and how many lines are
+    # dispatched before output is flushed and the limits are checked again.
+    read_size: int = 256 * 1024
+    dispatch_slice: int = 4096
+
+
+# ============================================================================
+# Protocol
+#
+# Rules: bytes in, lines and parsed tuples out; no sockets, no clocks.
+# A line is everything before a b"\n"; a b"\r" before the b"\n" stays on the
+# line, because clients must receive exactly what the source sent. A line
+# longer than max_line is never buffered whole: the splitter drops bytes
+# until the next b"\n". Numbers are ASCII digits only (str.isdigit on bytes
+# is ASCII-only), compared as integers.
+# ============================================================================
+
+FOLLOW, UNFOLLOW, BROADCAST, PRIVATE, STATUS = b"F", b"U", b"B", b"P", b"S"
+FIELD_COUNTS = {FOLLOW: 4, UNFOLLOW: 4, PRIVATE: 4, STATUS: 3, BROADCAST: 2}
+MAX_HELLO_LINE = 64
+MAX_USER_ID_DIGITS = 32
+
+
+class MalformedLine(ValueError):
+    """An event line that does not parse; `seq` is None when even SEQ is bad."""
+
+    def __init__(self, seq: int | None, reason: str):
+        super().__init__(reason)
+        self.seq = seq
+        self.reason = reason
+
+
+class LineSplitter:
+    """Cuts a byte stream into lines (without their b"\\n") across any reads."""
+
+    __slots__ = ("max_line", "partial", "discarding", "overlong")
+
+    def __init__(self, max_line: int = 4096):
+        self.max_line = max_line
+        self.partial = b""
+        self.discarding = False  # inside an overlong line, dropping to its end
+        self.overlong = 0  # lines dropped for length, ever
+
+    def split(self, data: bytes) -> list[bytes]:
+        if self.discarding:
+            newline = data.find(b"\n")
+            if newline < 0:
+                return []
+            data = data[newline + 1:]
+            self.discarding = False
+        if self.partial:
+            data = self.partial + data
+        lines = data.split(b"\n")
+        tail = lines.pop()
+        if len(tail) > self.max_line:
+            self.overlong += 1
+            self.partial = b""
+            self.discarding = True
+        else:
+            self.partial = tail
+        # Only a chunk longer than max_line can hold an overlong line, so the
+        # common case pays one C-level max() and no Python loop.
+        limit = self.max_line
+        if len(data) > limit and lines and max(map(len, lines)) > limit:
+            kept = [line for line in lines if len(line) <= limit]
+            self.overlong += len(lines) - len(kept)
+            lines = kept
+        return lines
+
+    def reset(self) -> None:
+        """Forget an unterminated line: a new connection never continues it."""
+        self.partial = b""
+        self.discarding = False
+
+
+def _parse_number(field: bytes, what: str, seq: int | None) -> int:
+    if not field.isdigit():
+        raise MalformedLine(seq, f"{what} is not a decimal number: {field[:40]!r}")
+    return int(field)
+
+
+def parse_event(line: bytes) -> tuple[int, bytes, int | None, int | None]:
+    """Parse one line (no b"\\n") into (seq, kind, from_user, to_user).
+
+    Raises MalformedLine; its `seq` is set when SEQ itself was valid, so the
+    caller can consume that number as a no-op and keep the stream moving.
+    """
+    body = line[:-1] if line[-1:] == b"\r" else line
+    parts = body.split(b"|")
+    seq_field = parts[0]
+    if not seq_field.isdigit():
+        raise MalformedLine(None, f"no valid sequence number in {line[:60]!r}")
+    seq = int(seq_field)
+    if len(parts) < 2:
+        raise MalformedLine(seq, "no event type")
+    kind = parts[1]
+    expected = FIELD_COUNTS.get(kind)
+    if expected is None:
+        raise MalformedLine(seq, f"unknown event type {kind[:20]!r}")
+    if len(parts) != expected:
+        raise MalformedLine(seq, f"type {kind.decode()} takes {expected} fields, got {len(parts)}")
+    if expected == 2:
+        return seq, kind, None, None
+    from_user = _parse_number(parts[2], "FROM", seq)
+    if expected == 3:
+        return seq, kind, from_user, None
+    return seq, kind, from_user, _parse_number(parts[3], "TO", seq)
+
+
+def parse_user_id(line: bytes) -> int:
+    """A client's hello line (no b"\\n") to its user id; ValueError if invalid."""
+    if len(line) > MAX_HELLO_LINE:
+        raise ValueError(f"hello line over {MAX_HELLO_LINE} bytes")
+    text = line.strip(b" \t\r")
+    if not text.isdigit():
+        raise ValueError(f"user id is not a decimal number: {text[:MAX_HELLO_LINE]!r}")
+    if len(text) > MAX_USER_ID_DIGITS:
+        raise ValueError(f"user id longer than {MAX_USER_ID_DIGITS} digits")
+    return int(text)
+
+
+class RateLimitedLog:
+    """At most `burst` lines per key per `window` seconds; the rest are
+    counted and summarised on the next line that gets through, so a flood of
+    bad input cannot flood the log or slow the loop."""
+
+    def __init__(self, logger: logging.Logger, burst: int = 10, window: float = 5.0,
+                 clock=time.monotonic):
+        self.logger = logger
+        self.burst = burst
+        self.window = window
+        self.clock = clock
+        self._windows: dict[str, list] = {}  # key -> [window start, lines, suppressed]
+
+    def warning(self, key: str, message: str, *args) -> None:
+        now = self.clock()
+        state = self._windows.get(key)
+        if state is None or now - state[0] >= self.window:
+            suppressed = state[2] if state else 0
+            state = self._windows[key] = [now, 0, 0]
+            if suppressed:
+                message += f" ({suppressed} similar lines suppressed)"
+        if state[1] >= self.burst:
+            state[2] += 1
+            return
+        state[1] += 1
+        self.logger.warning(message, *args)
+
+
+# ============================================================================
+# Reorder buffer
+#
+# Rules: hands out items strictly in sequence order, each SEQ at most once.
+# Memory is bounded by max_pending: past it, the lowest gap is declared lost
+# (one range, however wide) and delivery resumes. Numbers below next_seq are
+# duplicates (or late arrivals of lost numbers) and are dropped.
+# ============================================================================
+
+
+class ReorderBuffer:
+    __slots__ = ("next_seq", "highest_seq", "pending", "max_pending", "largest_depth",
+                 "duplicates", "late", "skipped", "skipped_ranges", "_lowest_heap",
+                 "_lost_below")
+
+    def __init__(self, max_pending: int = 1_000_000, first_seq: int = 1):
+        if max_pending < 1:
+            raise ValueError("max_pending must be at least 1")
+        self.max_pending = max_pending
+        self.next_seq = first_seq
+        self.highest_seq = 0
+        self.pending: dict[int, object] = {}
+        self.largest_depth = 0
+        self.duplicates = 0
+        self.late = 0  # numbers that arrived after being declared lost
+        self.skipped = 0  # numbers declared lost, in total
+        self.skipped_ranges: deque[tuple[int, int]] = deque(maxlen=64)
+        # The lowest pending SEQ is only needed when the buffer overflows, so
+        # a heap of pending numbers is kept only while it is nearly full.
+        self._lowest_heap: list[int] | None = None
+        self._lost_below: list[tuple[int, int]] = []  # ranges declared lost
+
+    def push(self, seq: int, item) -> list:
+        """Offer one item; returns the items now deliverable, in order."""
+        if seq > self.highest_seq:
+            self.highest_seq = seq
+        next_seq = self.next_seq
+        if seq == next_seq:
+            pending = self.pending
+            if not pending:
+                self.next_seq = seq + 1
+                return [item]
+            ready = [item]
+            seq += 1
+            while seq in pending:
+                ready.append(pending.pop(seq))
+                seq += 1
+            self.next_seq = seq
+            self._relax_heap()
+            return ready
+        if seq < next_seq:
+            if self._was_lost(seq):
+                self.late += 1
+            else:
+                self.duplicates += 1
+            return []
+        pending = self.pending
+        if seq in pending:
+            self.duplicates += 1
+            return []
+        pending[seq] = item
+        depth = len(pending)
+        if depth > self.largest_depth:
+            self.largest_depth = depth
+        if self._lowest_heap is not None:
+            heapq.heappush(self._lowest_heap, seq)
+        elif depth * 2 >= self.max_pending:
+            self._lowest_heap = list(pending)
+            heapq.heapify(self._lowest_heap)
+        if depth > self.max_pending:
+            return self._skip_lowest_gap()
+        return []
+
+    def _skip_lowest_gap(self) -> list:
+        lowest = self._lowest_pending()
+        first_lost, last_lost = self.next_seq, lowest - 1
+        self.skipped += lowest - first_lost
+        self.skipped_ranges.append((first_lost, last_lost))
+        self._remember_lost(first_lost, last_lost)
+        self.next_seq = lowest
+        pending = self.pending
+        ready = []
+        seq = lowest
+        while seq in pending:
+            ready.append(pending.pop(seq))
+            seq += 1
+        self.next_seq = seq
+        self._relax_heap()
+        return ready
+
+    def _lowest_pending(self) -> int:
+        heap = self._lowest_heap
+        pending = self.pending
+        if heap is None or len(heap) > 2 * len(pending) + 1024:
+            heap = self._lowest_heap = list(pending)
+            heapq.heapify(heap)
+        while heap[0] not in pending:
+            heapq.heappop(heap)
+        return heap[0]
+
+    def _relax_heap(self) -> None:
+        if self._lowest_heap is not None and len(self.pending) * 4 < self.max_pending:
+            self._lowest_heap = None
+
+    # Lost ranges are remembered (a bounded number of them) only to tell a
+    # late arrival from a true duplicate in the counters.
+    def _remember_lost(self, first: int, last: int) -> None:
+        self._lost_below.append((first, last))
+        if len(self._lost_below) > 1024:
+            del self._lost_below[:512]
+
+    def _was_lost(self, seq: int) -> bool:
+        return any(first <= seq <= last for first, last in reversed(self._lost_below))
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+
+# ============================================================================
+# Exchange
+#
+# Rules: the follow graph and the routing table, applied strictly in
+# sequence order. Follow state is kept for every user, connected or not.
+# A subscriber is any object with a `lines` list: dispatch appends the raw
+# line to it and records the subscriber in `touched`, and the transport turns
+# the lines into bytes later, so many notifications leave in one send.
+# ============================================================================
+
+
+class Subscriber:
+    """An in-memory subscriber, for tests and benchmarks: it only collects."""
+
+    __slots__ = ("user_id", "lines")
+
+    def __init__(self, user_id: int):
+        self.user_id = user_id
+        self.lines: list[bytes] = []
+
+    def take_bytes(self) -> bytes:
+        """What the transport would send: every queued line plus b"\\n"."""
+        lines, self.lines = self.lines, []
+        return b"".join(line + b"\n" for line in lines)
+
+
+class Exchange:
+    def __init__(self, max_follows: int = 10_000_000):
+        self.max_follows = max_follows
+        self.followers: dict[int, set[int]] = {}  # followed user -> its followers
+        self.follow_count = 0
+        self.follows_refused = 0
+        self.routes: dict[int, list] = {}  # user id -> its connected subscribers
+        self.subscribers: dict[object, None] = {}  # every registered subscriber
+        self.touched: set = set()  # subscribers with lines since the last flush
+        self.notifications = 0
+        self.dispatched = 0
+
+    # -- registration --------------------------------------------------------
+
+    def subscribe(self, user_id: int, subscriber) -> None:
+        self.routes.setdefault(user_id, []).append(subscriber)
+        self.subscribers[subscriber] = None
+
+    def unsubscribe(self, user_id: int, subscriber) -> None:
+        if subscriber not in self.subscribers:
+            return
+        del self.subscribers[subscriber]
+        same_user = self.routes.get(user_id)
+        if same_user is not None:
+            same_user.remove(subscriber)
+            if not same_user:
+                del self.routes[user_id]
+        self.touched.discard(subscriber)
+
+    # -- events --------------------------------------------------------------
+
+    def dispatch(self, kind: bytes | None, from_user: int | None, to_user: int | None,
+                 raw: bytes) -> None:
+        """Apply one in-order event; kind None is a consumed malformed SEQ."""
+        self.dispatched += 1
+        if kind == FOLLOW:
+            followers = self.followers.get(to_user)
+            if followers is None:
+                followers = self.followers[to_user] = set()
+            if from_user not in followers:
+                if self.follow_count < self.max_follows:
+                    followers.add(from_user)
+                    self.follow_count += 1
+                else:
+                    self.follows_refused += 1
+            self._notify(to_user, raw)
+        elif kind == STATUS:
+            followers = self.followers.get(from_user)
+            if not followers:
+                return
+            routes = self.routes
+            touched = self.touched
+            count = 0
+            # Walk whichever side is smaller: the followers or the connected.
+            if len(followers) <= len(routes):
+                for follower in followers:
+                    targets = routes.get(follower)
+                    if targets is not None:
+                        for target in targets:
+                            target.lines.append(raw)
+                            touched.add(target)
+                            count += 1
+            else:
+                for user_id, targets in routes.items():
+                    if user_id in followers:
+                        for target in targets:
+                            target.lines.append(raw)
+                            touched.add(target)
+                            count += 1
+            self.notifications += count
+        elif kind == PRIVATE:
+            self._notify(to_user, raw)
+        elif kind == UNFOLLOW:
+            followers = self.followers.get(to_user)
+            if followers is not None and from_user in followers:
+                followers.remove(from_user)
+                self.follow_count -= 1
+                if not followers:
+                    del self.followers[to_user]
+        elif kind == BROADCAST:
+            touched = self.touched
+            for target in self.subscribers:
+                target.lines.append(raw)
+            touched.update(self.subscribers)
+            self.notifications += len(self.subscribers)
+
+    def _notify(self, user_id: int, raw: bytes) -> None:
+        targets = self.routes.get(user_id)
+        if targets is not None:
+            for target in targets:
+                target.lines.append(raw)
+                self.touched.add(target)
+            self.notifications += len(targets)
+
+    def followers_of(self, user_id: int) -> set[int]:
+        return set(self.followers.get(user_id, ()))
+
+
+class EventPipeline:
+    """Bytes from the event source in, dispatched events out.
+
+    `receive` splits bytes into lines and queues them; `run` parses, reorders
+    and dispatches up to a budget of lines, so the reactor can flush output
+    and check its limits between slices. `feed` does both, for tests.
+    """
+
+    def __init__(self, exchange: Exchange, max_line: int = 4096,
+                 max_pending: int = 1_000_000, problems: RateLimitedLog | None = None):
+        self.exchange = exchange
+        self.splitter = LineSplitter(max_line)
+        self.reorder = ReorderBuffer(max_pending)
+        self.problems = problems or RateLimitedLog(log)
+        self.events_in = 0  # lines with a valid SEQ
+        self.malformed = 0  # valid SEQ, rest unparsable: consumed as no-op
+        self.unsequenced = 0  # no valid SEQ: dropped
+        self._backlog: list[bytes] = []
+        self._position = 0
+        self._overlong_seen = 0
+        self._skips_seen = 0
+
+    @property
+    def overlong(self) -> int:
+        return self.splitter.overlong
+
+    @property
+    def backlog(self) -> int:
+        return len(self._backlog) - self._position
+
+    def receive(self, data: bytes) -> None:
+        lines = self.splitter.split(data)
+        if self.splitter.overlong != self._overlong_seen:
+            self._overlong_seen = self.splitter.overlong
+            self.problems.warning(
+                "overlong", "event line longer than --max-line=%d bytes discarded (%d so far)",
+                self.splitter.max_line, self._overlong_seen)
+        if not lines:
+            return
+        if self._position < len(self._backlog):
+            self._backlog = self._backlog[self._position:] + lines
+        else:
+            self._backlog = lines
+        self._position = 0
+
+    def end_of_stream(self) -> None:
+        """The source went away: its unterminated last line is discarded."""
+        self.splitter.reset()
+
+    def run(self, max_lines: int | None = None) -> bool:
+        """Dispatch queued lines, at most max_lines; True when none are left."""
+        lines = self._backlog
+        start = self._position
+        end = len(lines) if max_lines is None else min(len(lines), start + max_lines)
+        push = self.reorder.push
+        dispatch = self.exchange.dispatch
+        events = 0
+        for index in range(start, end):
+            line = lines[index]
+            if not line or line == b"\r":
+                continue
+            try:
+                seq, kind, from_user, to_user = parse_event(line)
+            except MalformedLine as problem:
+                if problem.seq is None:
+                    self.unsequenced += 1
+                    self.problems.warning("unsequenced", "event line dropped: %s", problem.reason)
+                    continue
+                self.malformed += 1
+                self.problems.warning("malformed", "event %d consumed as a no-op: %s",
+                                      problem.seq, problem.reason)
+                seq, kind, from_user, to_user = problem.seq, None, None, None
+            events += 1
+            for ready in push(seq, (kind, from_user, to_user, line)):
+                dispatch(*ready)
+        self.events_in += events
+        if end >= len(lines):
+            self._backlog = []
+            self._position = 0
+        else:
+            self._position = end
+        self._log_skips()
+        return not self._backlog
+
+    def feed(self, data: bytes) -> None:
+        self.receive(data)
+        self.run()
+
+    def _log_skips(self) -> None:
+        ranges = self.reorder.skipped_ranges
+        while ranges:
+            first, last = ranges.popleft()
+            log.warning("reorder buffer full (--max-pending=%d): sequence numbers %d..%d "
+                        "declared lost (%d numbers); delivery resumes at %d",
+                        self.reorder.max_pending, first, last, last - first + 1, last + 1)
+
+
+# ============================================================================
+# Transport
+#
+# Rules: sockets are nonblocking; nothing here ever waits. The write path
+# tries to send at once, queues what the kernel will not take, and watches
+# EVENT_WRITE only while bytes are queued. Every close names a CloseReason,
+# which the logs, the counters and the dashboard all speak.
+# ============================================================================
+
+
+class CloseReason(enum.Enum):
+    CLIENT_QUIT = "client_quit"  # the client closed its end (EOF)
+    CLIENT_ERROR = "client_error"  # reset or other socket error
+    HELLO_TIMEOUT = "hello_timeout"  # no user id within --hello-timeout
+    INVALID_ID = "invalid_id"  # first line not a valid user id
+    SLOW_CONSUMER_BUFFER = "slow_consumer_buffer"  # queue passed --max-client-buffer
+    SLOW_CONSUMER_TIMEOUT = "slow_consumer_timeout"  # no progress for --write-timeout
+    SOURCE_QUIT = "source_quit"  # event source closed its end
+    SOURCE_ERROR = "source_error"  # event source socket error
+    SOURCE_REPLACED = "source_replaced"  # a newer event source took over
+    SHUTDOWN = "shutdown"  # the broker is stopping
+
+    @property
+    def is_slow_consumer(self) -> bool:
+        return self in (CloseReason.SLOW_CONSUMER_BUFFER, CloseReason.SLOW_CONSUMER_TIMEOUT)
+
+
+def _peer_name(sock: socket.socket) -> str:
+    try:
+        host, port = sock.getpeername()[:2]
+    except OSError:
+        return "?"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class ClientConnection:
+    """One user-client socket: its hello state and its outbound bytes."""
+
+    __slots__ = ("sock", "fd", "peer", "user_id", "lines", "outbound", "hello",
+                 "connected_at", "last_progress", "notifications_queued",
+                 "notifications_sent", "bytes_sent", "closed")
+
+    def __init__(self, sock: socket.socket, peer: str, now: float):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.user_id: int | None = None  # set once the hello line is read
+        self.lines: list[bytes] = []  # notifications dispatched, not yet bytes
+        self.outbound = bytearray()  # bytes the kernel has not taken yet
+        self.hello = b""
+        self.connected_at = now
+        self.last_progress = now
+        self.notifications_queued = 0  # ever handed to this connection
+        self.notifications_sent = 0  # ever fully written to the kernel
+        self.bytes_sent = 0
+        self.closed = False
+
+    def describe(self) -> str:
+        user = "unregistered" if self.user_id is None else f"user {self.user_id}"
+        return f"client {self.peer} ({user})"
+
+
+class SourceConnection:
+    __slots__ = ("sock", "fd", "peer", "connected_at", "bytes_read", "closed")
+
+    def __init__(self, sock: socket.socket, peer: str, now: float):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.connected_at = now
+        self.bytes_read = 0
+        self.closed = False
+
+
+def open_listener(host: str, port: int, backlog: int = 1024) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # Reuse lets a restarted broker bind over TIME_WAIT; on Linux it does
+        # not let two listeners share a port, so "in use" is still caught.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+# ============================================================================
+# Reactor
+#
+# Rules: one thread drives everything. A wake-up reads what is ready,
+# dispatches in slices, flushes every touched client once per slice, and
+# checks the limits; timers (hello and write timeouts, accept retry, the
+# dashboard) run from the same loop and bound the select timeout. State is
+# only ever changed here, so nothing needs a lock.
+# ============================================================================
+
+ACCEPT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+HOUSEKEEPING_INTERVAL = 0.25
+ACCEPT_RETRY_DELAY = 0.5
+RECENTLY_CLOSED = 32
+
+
+class Broker:
+    def __init__(self, config: BrokerConfig | None = None):
+        self.config = config = config or BrokerConfig()
+        self.selector = selectors.DefaultSelector()
+        self.problems = RateLimitedLog(log)
+        self.exchange = Exchange(config.max_follows)
+        self.pipeline = EventPipeline(self.exchange, config.max_line, config.max_pending,
+                                      self.problems)
+        self.event_listener: socket.socket | None = None
+        self.client_listener: socket.socket | None = None
+        self.source: SourceConnection | None = None
+        self.clients: dict[int, ClientConnection] = {}  # fd -> every client connection
+        self.awaiting_hello: dict[int, ClientConnection] = {}
+        self.backlogged: set[ClientConnection] = set()  # clients with bytes queued
+        self.total_buffered = 0
+        self.source_paused = False  # by backpressure (--max-buffered)
+        self.started_at = time.monotonic()
+        self.started_wall = time.time()
+        self.stopping = False
+        self.stop_deadline = 0.0
+        self.running = False
+        self.close_counts: dict[str, int] = {reason.value: 0 for reason in CloseReason}
+        self.recently_closed: deque[dict] = deque(maxlen=RECENTLY_CLOSED)
+        self.slow_consumers = 0
+        self.accept_errors = 0
+        self.source_connections = 0
+        self.bytes_out = 0
+        self._accept_paused_until: dict[socket.socket, float] = {}
+        self._next_housekeeping = 0.0
+        self._wakeup_reader: socket.socket | None = None
+        self._wakeup_writer: socket.socket | None = None
+        self.observers: list = []  # called as observer(broker, now) on each housekeeping tick
+        self._signals_seen = 0
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def bind(self) -> None:
+        """Open both listeners; OSError names the port that failed."""
+        config = self.config
+        for attribute, port in (("event_listener", config.event_port),
+                                ("client_listener", config.client_port)):
+            try:
+                listener = open_listener(config.host, port)
+            except OSError as error:
+                self.close_listeners()
+                raise PortError(config.host, port, error) from error
+            setattr(self, attribute, listener)
+        self.selector.register(self.event_listener, selectors.EVENT_READ,
+                               (self._on_event_listener, self.event_listener))
+        self.selector.register(self.client_listener, selectors.EVENT_READ,
+                               (self._on_client_listener, self.client_listener))
+        self._wakeup_reader, self._wakeup_writer = socket.socketpair()
+        self._wakeup_reader.setblocking(False)
+        self._wakeup_writer.setblocking(False)
+        self.selector.register(self._wakeup_reader, selectors.EVENT_READ,
+                               (self._on_wakeup, self._wakeup_reader))
+        log.info("listening events=%s:%d clients=%s:%d", config.host, self.event_port,
+                 config.host, self.client_port)
+
+    @property
+    def event_port(self) -> int:
+        return self.event_listener.getsockname()[1] if self.event_listener else 0
+
+    @property
+    def client_port(self) -> int:
+        return self.client_listener.getsockname()[1] if self.client_listener else 0
+
+    def wake(self) -> None:
+        """Safe from a signal handler or another thread: interrupt select()."""
+        if self._wakeup_writer is not None:
+            try:
+                self._wakeup_writer.send(b"\0")
+            except OSError:
+                pass
+
+    def request_stop(self) -> None:
+        """First call: drain and stop. Called again while draining: stop now."""
+        if self.stopping:
+            self.stop_deadline = 0.0
+        self.stopping = True
+        self.wake()
+
+    def handle_signal(self, signum, frame) -> None:
+        self._signals_seen += 1
+        if self._signals_seen > 1:
+            # The operator insists: no drain, no cleanup beyond the kernel's.
+            os._exit(128 + signum)
+        self.request_stop()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGINT, self.handle_signal)
+        signal.signal(signal.SIGTERM, self.handle_signal)
+        signal.set_wakeup_fd(self._wakeup_writer.fileno(), warn_on_full_buffer=False)
+
+    def serve_forever(self) -> None:
+        if self.event_listener is None:
+            self.bind()
+        self.running = True
+        try:
+            while True:
+                if self.stopping and self._drain_step():
+                    break
+                timeout = self._housekeeping_timeout()
+                for key, mask in self.selector.select(timeout):
+                    handler, target = key.data
+                    handler(target, mask)
+                self._flush()
+        finally:
+            self._close_everything()
+            self.running = False
+
+    # -- shutdown ------------------------------------------------------------
+
+    def _drain_step(self) -> bool:
+        """Returns True when shutdown is complete."""
+        now = time.monotonic()
+        if self.event_listener is not None:
+            log.info("stopping: no new clients or events; draining queued notifications "
+                     "(up to %.1f s)", self.config.drain_timeout)
+            self.stop_deadline = now + self.config.drain_timeout
+            self.close_listeners()
+            if self.source is not None:
+                self._close_source(CloseReason.SHUTDOWN)
+            for connection in list(self.awaiting_hello.values()):
+                self._close_client(connection, CloseReason.SHUTDOWN)
+            self._flush()
+        if not self.backlogged:
+            return True
+        if now >= self.stop_deadline:
+            log.warning("drain timeout: %d clients still had %d bytes queued",
+                        len(self.backlogged), self.total_buffered)
+            return True
+        return False
+
+    def close_listeners(self) -> None:
+        for attribute in ("event_listener", "client_listener"):
+            listener = getattr(self, attribute)
+            if listener is not None:
+                self._unregister(listener)
+                listener.close()
+                setattr(self, attribute, None)
+        self._accept_paused_until.clear()
+
+    def _close_everything(self) -> None:
+        self.close_listeners()
+        if self.source is not None:
+            self._close_source(CloseReason.SHUTDOWN)
+        for connection in list(self.clients.values()):
+            self._close_client(connection, CloseReason.SHUTDOWN)
+        for sock in (self._wakeup_reader, self._wakeup_writer):
+            if sock is not None:
+                self._unregister(sock)
+                sock.close()
+        self._wakeup_reader = self._wakeup_writer = None
+        self.selector.close()
+
+    def _unregister(self, sock: socket.socket) -> None:
+        try:
+            self.selector.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+
+    def _on_wakeup(self, sock: socket.socket, mask: int) -> None:
+        try:
+            while sock.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    # -- accepting -----------------------------------------------------------
+
+    def _accept_ready(self, listener: socket.socket):
+        """Yield every connection already waiting; on running out of file
+        descriptors, stop watching the listener for a short pause instead of
+        spinning on a readable socket we cannot accept from."""
+        for _ in range(1024):
+            try:
+                sock, _address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                if error.errno in ACCEPT_ERRNOS:
+                    self.accept_errors += 1
+                    self.problems.warning("accept", "cannot accept on port %d: %s; "
+                                          "retrying in %.1f s", listener.getsockname()[1],
+                                          os.strerror(error.errno), ACCEPT_RETRY_DELAY)
+                    self._unregister(listener)
+                    self._accept_paused_until[listener] = time.monotonic() + ACCEPT_RETRY_DELAY
+                    return
+                if error.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                raise
+            sock.setblocking(False)
+            yield sock
+
+    def _on_client_listener(self, listener: socket.socket, mask: int) -> None:
+        now = time.monotonic()
+        for sock in self._accept_ready(listener):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+            connection = ClientConnection(sock, _peer_name(sock), now)
+            self.clients[connection.fd] = connection
+            self.awaiting_hello[connection.fd] = connection
+            self.selector.register(sock, selectors.EVENT_READ,
+                                   (self._on_client_event, connection))
+            log.debug("%s connected", connection.describe())
+
+    def _on_event_listener(self, listener: socket.socket, mask: int) -> None:
+        now = time.monotonic()
+        for sock in self._accept_ready(listener):
+            if self.source is not None:
+                log.warning("event source %s connected; it takes over from %s",
+                            _peer_name(sock), self.source.peer)
+                self._close_source(CloseReason.SOURCE_REPLACED)
+            self.source = SourceConnection(sock, _peer_name(sock), now)
+            self.source_connections += 1
+            log.info("event source %s connected; next expected sequence number %d",
+                     self.source.peer, self.pipeline.reorder.next_seq)
+            if not self.source_paused:
+                self.selector.register(sock, selectors.EVENT_READ,
+                                       (self._on_source_readable, self.source))
+
+    # -- the event source ----------------------------------------------------
+
+    def _on_source_readable(self, source: SourceConnection, mask: int) -> None:
+        try:
+            data = source.sock.recv(self.config.read_size)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            self._close_source(CloseReason.SOURCE_ERROR, str(error))
+            return
+        if not data:
+            self._close_source(CloseReason.SOURCE_QUIT)
+            return
+        source.bytes_read += len(data)
+        self.pipeline.receive(data)
+        self._dispatch_backlog()
+
+    def _dispatch_backlog(self) -> None:
+        """Dispatch in slices, flushing between them, until done or paused."""
+        pipeline = self.pipeline
+        slice_size = self.config.dispatch_slice
+        while not pipeline.run(slice_size):
+            self._flush()
+            if self.total_buffered > self.config.max_buffered:
+                self._pause_source()
+                return
+        self._flush()
+        if self.total_buffered > self.config.max_buffered:
+            self._pause_source()
+
+    def _pause_source(self) -> None:
+        if self.source_paused:
+            return
+        self.source_paused = True
+        log.warning("backpressure: %d bytes queued toward clients (--max-buffered=%d); "
+                    "pausing the event source", self.total_buffered, self.config.max_buffered)
+        if self.source is not None:
+            self._unregister(self.source.sock)
+
+    def _maybe_resume_source(self) -> None:
+        if not self.source_paused or self.total_buffered > self.config.max_buffered // 2:
+            return
+        self.source_paused = False
+        log.info("backpressure relieved: %d bytes queued; resuming the event source",
+                 self.total_buffered)
+        self._dispatch_backlog()
+        if not self.source_paused and self.source is not None and not self.stopping:
+            self.selector.register(self.source.sock, selectors.EVENT_READ,
+                                   (self._on_source_readable, self.source))
+
+    def _close_source(self, reason: CloseReason, detail: str = "") -> None:
+        source = self.source
+        if source is None:
+            return
+        self.source = None
+        source.closed = True
+        self._unregister(source.sock)
+        source.sock.close()
+        self.pipeline.end_of_stream()
+        self._record_close("source", source.peer, None, reason, detail)
+        level = logging.INFO if reason in (CloseReason.SOURCE_QUIT, CloseReason.SHUTDOWN) \
+            else logging.WARNING
+        log.log(level, "event source %s closed: %s%s (read %d bytes; next expected "
+                "sequence number %d)", source.peer, reason.value,
+                f" ({detail})" if detail else "", source.bytes_read,
+                self.pipeline.reorder.next_seq)
+
+    # -- user clients --------------------------------------------------------
+
+    def _on_client_event(self, connection: ClientConnection, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE and not connection.closed:
+            self._write_queued(connection)
+        if mask & selectors.EVENT_READ and not connection.closed:
+            self._read_client(connection)
+
+    def _read_client(self, connection: ClientConnection) -> None:
+        try:
+            data = connection.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            self._close_client(connection, CloseReason.CLIENT_ERROR, str(error))
+            return
+        if not data:
+            self._close_client(connection, CloseReason.CLIENT_QUIT)
+            return
+        if connection.user_id is not None:
+            return  # registered clients have nothing to say; read and discard
+        hello = connection.hello + data
+        newline = hello.find(b"\n")
+        if newline < 0:
+            if len(hello) > MAX_HELLO_LINE:
+                self._close_client(connection, CloseReason.INVALID_ID,
+                                   f"hello line over {MAX_HELLO_LINE} bytes")
+            else:
+                connection.hello = hello
+            return
+        try:
+            user_id = parse_user_id(hello[:newline])
+        except ValueError as problem:
+            self._close_client(connection, CloseReason.INVALID_ID, str(problem))
+            return
+        connection.hello = b""
+        connection.user_id = user_id
+        del self.awaiting_hello[connection.fd]
+        self.exchange.subscribe(user_id, connection)
+        log.debug("%s registered", connection.describe())
+
+    def _flush(self) -> None:
+        """Turn each touched client's new lines into bytes and send them."""
+        exchange = self.exchange
+        touched = exchange.touched
+        if not touched:
+            return
+        exchange.touched = set()
+        max_client_buffer = self.config.max_client_buffer
+        for connection in touched:
+            lines = connection.lines
+            if not lines or connection.closed:
+                continue
+            connection.lines = []
+            connection.notifications_queued += len(lines)
+            lines.append(b"")
+            data = b"\n".join(lines)
+            outbound = connection.outbound
+            if outbound:
+                outbound += data
+                self.total_buffered += len(data)
+                if len(outbound) > max_client_buffer:
+                    self._close_slow_consumer(connection, CloseReason.SLOW_CONSUMER_BUFFER)
+                continue
+            try:
+                sent = connection.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as error:
+                self._close_client(connection, CloseReason.CLIENT_ERROR, str(error))
+                continue
+            if sent:
+                connection.bytes_sent += sent
+                self.bytes_out += sent
+                connection.notifications_sent += data.count(b"\n", 0, sent)
+            if sent < len(data):
+                outbound += memoryview(data)[sent:]
+                self.total_buffered += len(data) - sent
+                connection.last_progress = time.monotonic()
+                self.backlogged.add(connection)
+                self.selector.modify(connection.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                                     (self._on_client_event, connection))
+                if len(outbound) > max_client_buffer:
+                    self._close_slow_consumer(connection, CloseReason.SLOW_CONSUMER_BUFFER)
+
+    def _write_queued(self, connection: ClientConnection) -> None:
+        outbound = connection.outbound
+        try:
+            sent = connection.sock.send(outbound)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            self._close_client(connection, CloseReason.CLIENT_ERROR, str(error))
+            return
+        if sent:
+            connection.notifications_sent += outbound.count(b"\n", 0, sent)
+            del outbound[:sent]
+            connection.bytes_sent += sent
+            self.bytes_out += sent
+            self.total_buffered -= sent
+            connection.last_progress = time.monotonic()
+        if not outbound:
+            self.backlogged.discard(connection)
+            self.selector.modify(connection.sock, selectors.EVENT_READ,
+                                 (self._on_client_event, connection))
+        if self.source_paused:
+            self._maybe_resume_source()
+
+    def _close_slow_consumer(self, connection: ClientConnection, reason: CloseReason) -> None:
+        self.slow_consumers += 1
+        detail = (f"{len(connection.outbound)} bytes queued, limit "
+                  f"{self.config.max_client_buffer}" if reason is CloseReason.SLOW_CONSUMER_BUFFER
+                  else f"nothing written for {self.config.write_timeout:g} s with "
+                       f"{len(connection.outbound)} bytes queued")
+        self._close_client(connection, reason, detail)
+
+    def _close_client(self, connection: ClientConnection, reason: CloseReason,
+                      detail: str = "") -> None:
+        if connection.closed:
+            return
+        connection.closed = True
+        self.clients.pop(connection.fd, None)
+        self.awaiting_hello.pop(connection.fd, None)
+        if connection.user_id is not None:
+            self.exchange.unsubscribe(connection.user_id, connection)
+        self.backlogged.discard(connection)
+        self.total_buffered -= len(connection.outbound)
+        unsent = connection.notifications_queued - connection.notifications_sent
+        connection.outbound = bytearray()
+        connection.lines = []
+        self._unregister(connection.sock)
+        connection.sock.close()
+        self._record_close("client", connection.peer, connection.user_id, reason, detail)
+        quiet = reason in (CloseReason.CLIENT_QUIT, CloseReason.SHUTDOWN)
+        if reason in (CloseReason.HELLO_TIMEOUT, CloseReason.INVALID_ID):
+            self.problems.warning(reason.value, "%s closed: %s%s", connection.describe(),
+                                  reason.value, f" ({detail})" if detail else "")
+        else:
+            log.log(logging.INFO if quiet else logging.WARNING,
+                    "%s closed: %s%s; %d notifications sent, %d not delivered",
+                    connection.describe(), reason.value, f" ({detail})" if detail else "",
+                    connection.notifications_sent, max(unsent, 0))
+        if self.source_paused:
+            self._maybe_resume_source()
+
+    def _record_close(self, kind: str, peer: str, user_id, reason: CloseReason,
+                      detail: str) -> None:
+        self.close_counts[reason.value] += 1
+        self.recently_closed.append({"kind": kind, "peer": peer, "user_id": user_id,
+                                     "reason": reason.value, "detail": detail,
+                                     "at": time.time()})
+
+    # -- timers --------------------------------------------------------------
+
+    def _housekeeping_timeout(self) -> float:
+        now = time.monotonic()
+        if now >= self._next_housekeeping:
+            self._housekeeping(now)
+            self._next_housekeeping = now + HOUSEKEEPING_INTERVAL
+        return max(0.0, self._next_housekeeping - now)
+
+    def _housekeeping(self, now: float) -> None:
+        hello_deadline = now - self.config.hello_timeout
+        for connection in [c for c in self.awaiting_hello.values()
+                           if c.connected_at <= hello_deadline]:
+            self._close_client(connection, CloseReason.HELLO_TIMEOUT,
+                               f"no user id within {self.config.hello_timeout:g} s")
+        write_deadline = now - self.config.write_timeout
+        for connection in [c for c in self.backlogged if c.last_progress <= write_deadline]:
+            self._close_slow_consumer(connection, CloseReason.SLOW_CONSUMER_TIMEOUT)
+        for listener, until in list(self._accept_paused_until.items()):
+            if now >= until:
+                del self._accept_paused_until[listener]
+                handler = (self._on_event_listener if listener is self.event_listener
+                           else self._on_client_listener)
+                self.selector.register(listener, selectors.EVENT_READ, (handler, listener))
+        for observer in self.observers:
+            observer(self, now)
+
+    # -- stats ---------------------------------------------------------------
+
+    def stats(self, top_clients: int | None = 20) -> dict:
+        """A snapshot of plain data: counters, depths and the deepest queues.
+
+        top_clients bounds the per-connection list (deepest queues first);
+        None lists every connection.
+        """
+        now = time.monotonic()
+        pipeline, reorder, exchange = self.pipeline, self.pipeline.reorder, self.exchange
+        connections = list(self.clients.values())
+        if top_clients is not None and len(connections) > top_clients:
+            connections = heapq.nlargest(top_clients, connections,
+                                         key=lambda c: len(c.outbound) + len(c.lines))
+        else:
+            connections.sort(key=lambda c: len(c.outbound) + len(c.lines), reverse=True)
+        source = self.source
+        return {
+            "uptime": now - self.started_at,
+            "started_at": self.started_wall,
+            "stopping": self.stopping,
+            "source": {
+                "connected": source is not None,
+                "peer": source.peer if source else None,
+                "paused": self.source_paused,
+                "connections": self.source_connections,
+                "bytes_read": source.bytes_read if source else 0,
+            },
+            "next_seq": reorder.next_seq,
+            "highest_seq": reorder.highest_seq,
+            "reorder_depth": len(reorder),
+            "reorder_depth_max": reorder.largest_depth,
+            "events_in": pipeline.events_in,
+            "events_dispatched": exchange.dispatched,
+            "notifications": exchange.notifications,
+            "bytes_out": self.bytes_out,
+            "clients": len(exchange.subscribers),
+            "connections": len(self.clients),
+            "awaiting_hello": len(self.awaiting_hello),
+            "known_users": len(exchange.followers),
+            "follows": exchange.follow_count,
+            "bytes_queued": self.total_buffered,
+            "counters": {
+                "malformed": pipeline.malformed,
+                "unsequenced": pipeline.unsequenced,
+                "overlong": pipeline.overlong,
+                "duplicate": reorder.duplicates,
+                "late": reorder.late,
+                "skipped": reorder.skipped,
+                "slow_consumers": self.slow_consumers,
+                "follows_refused": exchange.follows_refused,
+                "accept_errors": self.accept_errors,
+            },
+            "closes": dict(self.close_counts),
+            "limits": {field.name: getattr(self.config, field.name)
+                       for field in fields(self.config)},
+            "top_clients": [
+                {
+                    "user_id": c.user_id,
+                    "peer": c.peer,
+                    "queued_notifications": len(c.lines) + max(
+                        c.notifications_queued - c.notifications_sent, 0),
+                    "queued_bytes": len(c.outbound),
+                    "notifications_sent": c.notifications_sent,
+                    "bytes_sent": c.bytes_sent,
+                    "connected_seconds": now - c.connected_at,
+                }
+                for c in connections
+            ],
+            "recently_closed": list(self.recently_closed),
+        }
+
+
+class PortError(OSError):
+    def __init__(self, host: str, port: int, error: OSError):
+        self.host, self.port, self.error = host, port, error
+        if error.errno == errno.EADDRINUSE:
+            message = f"port {port} is already in use on {host}"
+        else:
+            message = f"cannot listen on {host}:{port}: {error.strerror or error}"
+        super().__init__(error.errno, message)
+        self.message = message
+
+
+# ============================================================================
+# Stats and dashboard
+#
+# Rules: everything runs on the loop's thread, from the housekeeping timer;
+# rendering is a pure function of a stats() snapshot; rich is imported only
+# when --dashboard asks for it, so the broker runs on a bare Python.
+# ============================================================================
+
+STATUS_LINE_INTERVAL = 5.0
+
+
+def format_status_line(snapshot: dict) -> str:
+    """One plain line for logs and non-terminal --dashboard output."""
+    counters = snapshot["counters"]
+    source = snapshot["source"]
+    source_state = ("paused" if source["paused"] else "connected") if source["connected"] \
+        else "disconnected"
+    return (f"up {snapshot['uptime']:.0f}s source={source_state} "
+            f"next_seq={snapshot['next_seq']} highest_seq={snapshot['highest_seq']} "
+            f"reorder={snapshot['reorder_depth']} events={snapshot['events_dispatched']} "
+            f"notifications={snapshot['notifications']} clients={snapshot['clients']} "
+            f"queued_bytes={snapshot['bytes_queued']} malformed={counters['malformed']} "
+            f"duplicate={counters['duplicate']} skipped={counters['skipped']} "
+            f"slow_consumers={counters['slow_consumers']}")
+
+
+class StatusLinePrinter:
+    """--dashboard when stdout is not a terminal: a plain line every few seconds."""
+
+    def __init__(self, stream=None, interval: float = STATUS_LINE_INTERVAL):
+        self.stream = stream or sys.stdout
+        self.interval = interval
+        self.next_due = 0.0
+
+    def __call__(self, broker: Broker, now: float) -> None:
+        if now < self.next_due:
+            return
+        self.next_due = now + self.interval
+        print(format_status_line(broker.stats(top_clients=0)), file=self.stream, flush=True)
+
+
+# ============================================================================
+# Command line
+#
+# Rules: parse, configure logging, bind (a busy port is one line and exit
+# code 2), serve until a signal, exit 0. No traceback reaches the operator.
+# ============================================================================
+
+OPTION_HELP = {
+    "host": "address to listen on (the event port lets anyone publish to every user)",
+    "max_line": "longest event line in bytes before its newline; longer ones are discarded",
+    "max_pending": "reorder buffer size in events; past it the lowest missing "
+                   "sequence numbers are declared lost",
+    "hello_timeout": "seconds a new client has to send its user id",
+    "max_client_buffer": "bytes queued for one client before it is cut off as a slow consumer",
+    "write_timeout": "seconds a client may have bytes queued with none written "
+                     "before it is cut off as a slow consumer",
+    "max_buffered": "bytes queued for all clients together before the event source is "
+                    "paused (resumed below half)",
+    "drain_timeout": "seconds to deliver queued notifications on SIGINT/SIGTERM",
+    "max_follows": "follow relations kept at most; new follows past it are refused "
+                   "(counted as follows_refused)",
+}
+
+
+def build_argument_parser() -> argparse.ArgumentParser:
+    defaults = BrokerConfig()
+    parser = argparse.ArgumentParser(
+        prog="mbroker",
+        description="Follower-maze message broker: reorders the event source's stream "
+                    "and forwards each event to the user clients it concerns.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("event_port", nargs="?", type=int, default=defaults.event_port,
+                        help="port the event source connects to (0: any free port)")
+    parser.add_argument("client_port", nargs="?", type=int, default=defaults.client_port,
+                        help="port user clients connect to (0: any free port)")
+    for name, help_text in OPTION_HELP.items():
+        default = getattr(defaults, name)
+        parser.add_argument("--" + name.replace("_", "-"), type=type(default),
+                            default=default, help=help_text)
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="logging threshold (logs go to stderr)")
+    parser.add_argument("--dashboard", action="store_true",
+                        help="live rich view on a terminal; a plain status line every "
+                             f"{STATUS_LINE_INTERVAL:g} s otherwise")
+    return parser
+
+
+def config_from_arguments(arguments: argparse.Namespace) -> BrokerConfig:
+    config = BrokerConfig(event_port=arguments.event_port, client_port=arguments.client_port)
+    for name in OPTION_HELP:
+        setattr(config, name, getattr(arguments, name))
+    return config
+
+
+def validate_config(config: BrokerConfig) -> str | None:
+    for name in ("event_port", "client_port"):
+        if not 0 <= getattr(config, name) <= 65535:
+            return f"--{name.replace('_', '-')} must be between 0 and 65535"
+    for name in ("max_line", "max_pending", "max_client_buffer", "max_buffered"):
+        if getattr(config, name) < 1:
+            return f"--{name.replace('_', '-')} must be at least 1"
+    for name in ("hello_timeout", "write_timeout", "drain_timeout"):
+        if getattr(config, name) <= 0:
+            return f"--{name.replace('_', '-')} must be positive"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = build_argument_parser().parse_args(argv)
+    config = config_from_arguments(arguments)
+    problem = validate_config(config)
+    if problem:
+        print(f"mbroker: {problem}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=arguments.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    broker = Broker(config)
+    try:
+        broker.bind()
+    except PortError as error:
+        print(f"mbroker: {error.message}", file=sys.stderr)
+        return 2
+    broker.install_signal_handlers()
+    if arguments.dashboard:
+        broker.observers.append(StatusLinePrinter())
+    try:
+        broker.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,384 @@
+"""The maze load generator/verifier (tools/maze.py) must pass a correct broker and be
+able to fail: each fake broker below breaks one rule and maze must name that failure.
+
+The fake brokers are small threaded servers bound to 127.0.0.1 port 0. The correct one
+is written independently of maze's oracle (it parses, reorders and keeps its own follow
+graph), so a maze success against it also cross-checks maze's expectations.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MAZE_PATH = REPO_ROOT / "tools" / "maze.py"
+SUCCESS_LINE = "\\o/ ALL NOTIFICATIONS RECEIVED \\o/"
+
+# Small, fast runs: every wait in maze is bounded by these.
+SMALL_RUN = ["--totalEvents", "2000", "--concurrencyLevel", "20", "--numberOfUsers", "100",
+             "--timeout", "1000", "--settle-ms", "100", "--grace-ms", "300",
+             "--logInterval", "0"]
+FAULT_AT_NOTIFICATION = 40
+
+
+def load_maze():
+    spec = importlib.util.spec_from_file_location("maze", MAZE_PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("maze", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+maze = load_maze()
+
+
+class FakeBroker:
+    """A tiny broker following SPEC 2, with one optional fault.
+
+    fault: None (correct), "drop" (skips one notification), "reorder" (swaps two
+    notifications of one user), "terminator" (sends one notification with "\\n" instead of
+    "\\r\\n"), "extra" (after the last event, sends one more line to one user), "stall"
+    (stops reading the event source after a few kilobytes).
+    """
+
+    def __init__(self, fault: str | None = None, total_events: int = 2000):
+        self.fault = fault
+        self.total_events = total_events
+        self.client_listener = socket.create_server(("127.0.0.1", 0))
+        self.event_listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if fault == "stall":
+            # A small receive buffer makes the kernel push back on the source quickly.
+            self.event_listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.event_listener.bind(("127.0.0.1", 0))
+        self.event_listener.listen()
+        self.client_port = self.client_listener.getsockname()[1]
+        self.event_port = self.event_listener.getsockname()[1]
+        self.clients: dict[int, list[socket.socket]] = {}
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.notifications_sent = 0
+        self.fault_done = False
+        self.threads = [threading.Thread(target=self._accept_clients, daemon=True),
+                        threading.Thread(target=self._serve_events, daemon=True)]
+        for thread in self.threads:
+            thread.start()
+
+    def ports(self) -> list[str]:
+        return ["--eventListenerPort", str(self.event_port),
+                "--clientListenerPort", str(self.client_port)]
+
+    def close(self) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(5)
+        self.client_listener.close()
+        self.event_listener.close()
+        with self.lock:
+            for sockets in self.clients.values():
+                for sock in sockets:
+                    sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    # -- clients ---------------------------------------------------------------------
+
+    def _accept_clients(self) -> None:
+        self.client_listener.settimeout(0.1)
+        while not self.stopping.is_set():
+            try:
+                sock, _address = self.client_listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            sock.settimeout(5)
+            data = b""
+            try:
+                while b"\n" not in data and len(data) < 64:
+                    chunk = sock.recv(64)
+                    if not chunk:
+                        break
+                    data += chunk
+            except OSError:
+                sock.close()
+                continue
+            user = int(data.split(b"\n")[0].strip())
+            with self.lock:
+                self.clients.setdefault(user, []).append(sock)
+
+    # -- event source ----------------------------------------------------------------
+
+    def _serve_events(self) -> None:
+        self.event_listener.settimeout(0.1)
+        while not self.stopping.is_set():
+            try:
+                source, _address = self.event_listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with source:
+                self._read_source(source)
+            return
+
+    def _read_source(self, source: socket.socket) -> None:
+        source.settimeout(0.1)
+        followers: dict[int, set[int]] = {}
+        waiting: dict[int, tuple[list[bytes], bytes]] = {}
+        next_seq = 1
+        buffered = b""
+        bytes_read = 0
+        while not self.stopping.is_set():
+            if self.fault == "stall" and bytes_read >= 4096:
+                self.stopping.wait(0.1)  # stop reading, but keep the connection open
+                continue
+            try:
+                data = source.recv(4096 if self.fault == "stall" else 65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            bytes_read += len(data)
+            buffered += data
+            *lines, buffered = buffered.split(b"\n")
+            for line in lines:
+                payload = line[:-1] if line.endswith(b"\r") else line
+                if not payload:
+                    continue
+                fields = payload.split(b"|")
+                waiting[int(fields[0])] = (fields, line + b"\n")
+            outgoing: dict[int, list[bytes]] = {}
+            while next_seq in waiting:
+                fields, line = waiting.pop(next_seq)
+                for user in self._recipients(fields, followers):
+                    outgoing.setdefault(user, []).append(line)
+                if self.fault == "extra" and next_seq == self.total_events:
+                    first_user = min(self.clients)
+                    outgoing.setdefault(first_user, []).append(
+                        b"%d|P|1|%d\r\n" % (next_seq + 1, first_user))
+                next_seq += 1
+            self._send(outgoing)
+
+    def _recipients(self, fields: list[bytes], followers: dict[int, set[int]]) -> list[int]:
+        kind = fields[1]
+        if kind == b"F":
+            follower, followed = int(fields[2]), int(fields[3])
+            followers.setdefault(followed, set()).add(follower)
+            return [followed]
+        if kind == b"U":
+            followers.get(int(fields[3]), set()).discard(int(fields[2]))
+            return []
+        if kind == b"B":
+            return list(self.clients)
+        if kind == b"P":
+            return [int(fields[3])]
+        if kind == b"S":
+            return list(followers.get(int(fields[2]), ()))
+        raise AssertionError(f"unexpected event {fields!r}")
+
+    def _send(self, outgoing: dict[int, list[bytes]]) -> None:
+        for user, lines in outgoing.items():
+            sockets = self.clients.get(user)
+            if not sockets:
+                continue  # nobody connected as this user: dropped silently
+            lines = self._apply_fault(lines)
+            for sock in sockets:
+                try:
+                    sock.sendall(b"".join(lines))
+                except OSError:
+                    pass
+
+    def _apply_fault(self, lines: list[bytes]) -> list[bytes]:
+        first_number = self.notifications_sent + 1
+        self.notifications_sent += len(lines)
+        if self.fault_done or self.notifications_sent < FAULT_AT_NOTIFICATION:
+            return lines
+        index = max(0, FAULT_AT_NOTIFICATION - first_number)
+        lines = list(lines)
+        if self.fault == "drop":
+            del lines[index]
+        elif self.fault == "reorder":
+            if index + 1 >= len(lines):
+                return lines  # try again with the next user that gets two lines
+            lines[index], lines[index + 1] = lines[index + 1], lines[index]
+        elif self.fault == "terminator":
+            lines[index] = lines[index][:-2] + b"\n"
+        else:
+            return lines
+        self.fault_done = True
+        return lines
+
+
+def run_maze(*arguments: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(MAZE_PATH), *arguments], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def output_of(result: subprocess.CompletedProcess) -> str:
+    return result.stdout + result.stderr
+
+
+# -- success -------------------------------------------------------------------------
+
+
+def test_correct_broker_passes_and_report_is_written(tmp_path):
+    report_path = tmp_path / "report.json"
+    with FakeBroker() as broker:
+        result = run_maze(*SMALL_RUN, *broker.ports(), "--json", str(report_path))
+    assert result.returncode == 0, output_of(result)
+    assert SUCCESS_LINE in result.stdout.splitlines()
+    for label in ("events: 2000", "notifications:", "bytes:", "seconds:", "events/s:",
+                  "notifications/s:", "tool cpu seconds:"):
+        assert label in result.stdout
+    report = json.loads(report_path.read_text())
+    assert report["result"] == "success"
+    assert report["events"] == 2000
+    assert report["notifications"] > 0
+    assert report["failures"] == []
+
+
+def test_correct_broker_passes_with_lf_terminators_ordered_stream_and_pregeneration():
+    with FakeBroker() as broker:
+        result = run_maze(*SMALL_RUN, *broker.ports(), "--terminator", "lf",
+                          "--maxEventSourceBatchSize", "1", "--pregenerate")
+    assert result.returncode == 0, output_of(result)
+    assert SUCCESS_LINE in result.stdout
+
+
+def test_environment_variables_configure_the_run():
+    with FakeBroker() as broker:
+        environment = {"eventListenerPort": str(broker.event_port),
+                       "clientListenerPort": str(broker.client_port),
+                       "totalEvents": "500", "concurrencyLevel": "5", "timeout": "1000",
+                       "logInterval": "0", "PATH": ""}
+        result = subprocess.run([sys.executable, str(MAZE_PATH), "--settle-ms", "100",
+                                 "--grace-ms", "100"], cwd=REPO_ROOT, capture_output=True,
+                                text=True, timeout=60, env=environment)
+    assert result.returncode == 0, output_of(result)
+    assert "events: 500" in result.stdout
+
+
+# -- failures ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("fault", "expected_words"), [
+    ("drop", "missing notification"),
+    ("reorder", "wrong order"),
+    ("terminator", "wrong terminator"),
+    ("extra", "extra notification"),
+])
+def test_faulty_broker_is_reported_with_the_failure_named(fault, expected_words):
+    with FakeBroker(fault) as broker:
+        result = run_maze(*SMALL_RUN, *broker.ports())
+    output = output_of(result)
+    assert result.returncode == 1, output
+    assert SUCCESS_LINE not in output
+    failure_lines = [line for line in result.stdout.splitlines()
+                     if line.startswith("FAILURE:")]
+    assert failure_lines, output
+    assert expected_words in failure_lines[0], output
+    # The failure names the user and the position of the first difference.
+    assert "user " in failure_lines[0]
+    assert "notification #" in failure_lines[0]
+    if fault != "extra":
+        assert "expected b'" in failure_lines[0] and "received" in failure_lines[0]
+
+
+def test_broker_that_stops_reading_the_event_source_is_reported_stalled():
+    with FakeBroker("stall", total_events=50_000) as broker:
+        result = run_maze(*SMALL_RUN, "--totalEvents", "50000", *broker.ports())
+    output = output_of(result)
+    assert result.returncode == 1, output
+    assert "event source stalled" in output
+
+
+def test_unreachable_broker_fails_clearly():
+    # Bind then close to get a port that is (almost certainly) not listening.
+    probe = socket.create_server(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    result = run_maze(*SMALL_RUN, "--eventListenerPort", str(port),
+                      "--clientListenerPort", str(port))
+    assert result.returncode == 1
+    assert "cannot connect" in result.stdout
+
+
+# -- generator -----------------------------------------------------------------------
+
+
+def workload_bytes(**overrides):
+    settings = dict(total_events=3000, concurrency=10, users=100, seed=666, max_batch=100)
+    settings.update(overrides)
+    users, source_chunks, expected = maze.generate_workload(**settings)
+    return users, b"".join(source_chunks), expected
+
+
+def test_same_seed_gives_same_bytes_and_another_seed_differs():
+    first = workload_bytes()
+    assert workload_bytes() == first
+    assert workload_bytes(seed=667) != first
+    # Chunking is an implementation detail: it must not change the run.
+    users, source_chunks, expected = maze.generate_workload(3000, 10, 100, 666, 100,
+                                                            chunk_events=7)
+    assert (users, b"".join(source_chunks)) == first[:2]
+
+
+def test_generated_stream_uses_every_sequence_number_once_in_shuffled_batches():
+    _users, source, _expected = workload_bytes(total_events=5000)
+    lines = source.split(b"\r\n")
+    assert lines[-1] == b""
+    numbers = [int(line.split(b"|")[0]) for line in lines[:-1]]
+    assert sorted(numbers) == list(range(1, 5001))
+    assert numbers != sorted(numbers)  # batches are shuffled
+    # No event is further from its place than one maximal batch.
+    assert max(abs(number - (index + 1)) for index, number in enumerate(numbers)) < 100
+    _users, ordered, _expected = workload_bytes(max_batch=1)
+    ordered_numbers = [int(line.split(b"|")[0]) for line in ordered.split(b"\r\n")[:-1]]
+    assert ordered_numbers == list(range(1, 3001))
+
+
+def test_event_mix_is_configurable_and_terminator_applies_everywhere():
+    users, source, expected = workload_bytes(mix=maze.parse_mix("B=1"), terminator=b"\n")
+    lines = source.split(b"\n")[:-1]
+    assert all(line.endswith(b"|B") for line in lines)
+    assert b"\r" not in source
+    # Every connected user gets every broadcast.
+    assert all(data.count(b"\n") == 3000 for data in expected.values())
+    assert sorted(expected) == sorted(users)
+
+
+def test_generator_memory_stays_bounded_by_max_follows():
+    generator = maze.WorkloadGenerator(200_000, 10, 100, seed=1, max_follows=500)
+    for _chunk in generator.chunks(50_000):
+        assert len(generator._follow_pairs) <= 500
+    assert generator.events_generated == 200_000
+
+
+def test_flags_win_over_environment_variables():
+    config = maze.parse_config(["--totalEvents", "7", "--terminator", "lf"],
+                               {"totalEvents": "5", "concurrencyLevel": "3",
+                                "randomSeed": "9"})
+    assert config.total_events == 7
+    assert config.concurrency == 3
+    assert config.users == 30  # concurrencyLevel * 10
+    assert config.seed == 9
+    assert config.terminator == b"\n"
+    defaults = maze.parse_config([], {})
+    assert (defaults.event_port, defaults.client_port, defaults.total_events,
+            defaults.concurrency, defaults.users, defaults.seed, defaults.timeout_ms,
+            defaults.max_batch, defaults.log_interval_ms) == (
+        9090, 9099, 10_000_000, 100, 1000, 666, 20_000, 100, 1000)
