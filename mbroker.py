@@ -27,6 +27,7 @@ import socket
 import sys
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, fields
 
 __all__ = [
@@ -694,6 +695,8 @@ class Broker:
         self._wakeup_writer: socket.socket | None = None
         self.observers: list = []  # called as observer(broker, now) on each housekeeping tick
         self._signals_seen = 0
+        self._calls_from_other_threads: deque = deque()
+        self._rate_samples: deque[tuple[float, int, int, int, int]] = deque(maxlen=16)
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -749,6 +752,23 @@ class Broker:
             # The operator insists: no drain, no cleanup beyond the kernel's.
             os._exit(128 + signum)
         self.request_stop()
+
+    def call_in_loop(self, function) -> None:
+        """Run function() on the loop's thread soon; safe from any thread.
+
+        The one door for other threads (tests, embedders): the loop owns
+        every piece of state, so others ask it rather than read it.
+        """
+        self._calls_from_other_threads.append(function)
+        self.wake()
+
+    def snapshot(self, timeout: float = 5.0, top_clients: int | None = 20) -> dict:
+        """stats(), taken on the loop's thread; for callers on other threads."""
+        if not self.running:
+            return self.stats(top_clients)
+        result = Future()
+        self.call_in_loop(lambda: result.set_result(self.stats(top_clients)))
+        return result.result(timeout)
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGINT, self.handle_signal)
@@ -829,6 +849,9 @@ class Broker:
                 pass
         except (BlockingIOError, InterruptedError):
             pass
+        calls = self._calls_from_other_threads
+        while calls:
+            calls.popleft()()
 
     # -- accepting -----------------------------------------------------------
 
@@ -1128,8 +1151,21 @@ class Broker:
                 handler = (self._on_event_listener if listener is self.event_listener
                            else self._on_client_listener)
                 self.selector.register(listener, selectors.EVENT_READ, (handler, listener))
+        self._rate_samples.append((now, self.pipeline.events_in, self.exchange.dispatched,
+                                   self.exchange.notifications, self.bytes_out))
         for observer in self.observers:
             observer(self, now)
+
+    def _rates(self) -> dict:
+        """Per-second rates over the last few seconds of housekeeping samples."""
+        samples = self._rate_samples
+        names = ("events_in", "events_out", "notifications", "bytes_out")
+        if len(samples) < 2 or samples[-1][0] <= samples[0][0]:
+            return dict.fromkeys(names, 0.0)
+        first, last = samples[0], samples[-1]
+        elapsed = last[0] - first[0]
+        return {name: (last[index + 1] - first[index + 1]) / elapsed
+                for index, name in enumerate(names)}
 
     # -- stats ---------------------------------------------------------------
 
@@ -1173,6 +1209,7 @@ class Broker:
             "known_users": len(exchange.followers),
             "follows": exchange.follow_count,
             "bytes_queued": self.total_buffered,
+            "rates": self._rates(),
             "counters": {
                 "malformed": pipeline.malformed,
                 "unsequenced": pipeline.unsequenced,

@@ -96,6 +96,7 @@ class MazeConfig:
     pregenerate: bool = False
     dry_run: bool = False
     sink: bool = False
+    serve_replay: bool = False
     json_path: str | None = None
 
 
@@ -170,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sink", action="store_true",
                         help="no broker: stream into an in-process discarding event sink, with "
                         "zero clients; measures the tool's own sending ceiling")
+    parser.add_argument("--serve-replay", action="store_true",
+                        help="act as a fake broker instead: listen on the two ports and "
+                        "replay the notifications that a maze run with the same settings "
+                        "expects; measures maze's verification ceiling without a real broker")
     parser.add_argument("--json", dest="json_path", metavar="PATH",
                         help="also write the final report as JSON to PATH")
     return parser
@@ -212,6 +217,7 @@ def parse_config(argv: Sequence[str] | None = None,
     config.pregenerate = arguments.pregenerate
     config.dry_run = arguments.dry_run
     config.sink = arguments.sink
+    config.serve_replay = arguments.serve_replay
     problems = validate_config(config)
     if problems:
         parser.error("; ".join(problems))
@@ -1106,6 +1112,132 @@ class MazeRun:
                 stream.receive(data, time.perf_counter())
 
 
+class ReplayBroker:
+    """A fake broker for measuring maze itself (``--serve-replay``).
+
+    It regenerates the workload that a maze run with the same settings produces, then
+    plays the broker: it reads and discards the event stream and, each time the source
+    bytes of a whole chunk have arrived, queues that chunk's expected bytes to each user.
+    No parsing, no graph: it costs far less than maze, so a run against it measures
+    maze's own ceiling with clients connected.
+    """
+
+    def __init__(self, config: MazeConfig, log=None):
+        self.config = config
+        self.log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+        generator = WorkloadGenerator(
+            config.total_events, config.concurrency, config.users, config.seed,
+            config.max_batch, config.terminator, config.mix, config.max_follows)
+        self.chunk_ends: list[int] = []
+        self.chunk_expected: list[dict[int, bytes]] = []
+        source_bytes = 0
+        for chunk in generator.chunks(config.chunk_events):
+            source_bytes += len(chunk.source)
+            self.chunk_ends.append(source_bytes)
+            self.chunk_expected.append(chunk.expected)
+
+    def serve(self) -> int:
+        config = self.config
+        selector = selectors.DefaultSelector()
+        event_listener = socket.create_server((config.host, config.event_port))
+        client_listener = socket.create_server((config.host, config.client_port))
+        for listener in (event_listener, client_listener):
+            listener.setblocking(False)
+            selector.register(listener, selectors.EVENT_READ, ("listener", listener))
+        self.log(f"replay broker listening events={config.host}:"
+                 f"{event_listener.getsockname()[1]} clients={config.host}:"
+                 f"{client_listener.getsockname()[1]}")
+        # connection -> [user or None, bytes read before the id line, queued output]
+        clients: dict[socket.socket, list] = {}
+        connections_of: dict[int, list[socket.socket]] = collections.defaultdict(list)
+        buffer = bytearray(1 << 22)
+        source_bytes = 0
+        next_chunk = 0
+        source_done = False
+        idle_deadline = time.monotonic() + config.timeout_ms / 1000 + 60
+        while time.monotonic() < idle_deadline:
+            if source_done and not any(state[2] for state in clients.values()):
+                break
+            for key, mask in selector.select(0.1):
+                role, sock = key.data
+                if role == "listener":
+                    try:
+                        connection, _address = sock.accept()
+                    except BlockingIOError:
+                        continue
+                    connection.setblocking(False)
+                    if sock is event_listener:
+                        selector.register(connection, selectors.EVENT_READ,
+                                          ("source", connection))
+                    else:
+                        clients[connection] = [None, b"", collections.deque()]
+                        selector.register(connection, selectors.EVENT_READ,
+                                          ("client", connection))
+                    continue
+                if role == "source":
+                    try:
+                        size = sock.recv_into(buffer)
+                    except BlockingIOError:
+                        continue
+                    if not size:
+                        selector.unregister(sock)
+                        sock.close()
+                        source_done = True
+                        continue
+                    source_bytes += size
+                    while (next_chunk < len(self.chunk_ends)
+                           and source_bytes >= self.chunk_ends[next_chunk]):
+                        for user, data in self.chunk_expected[next_chunk].items():
+                            for connection in connections_of.get(user, ()):
+                                clients[connection][2].append(memoryview(data))
+                                selector.modify(connection, selectors.EVENT_READ
+                                                | selectors.EVENT_WRITE, key_data(connection))
+                        self.chunk_expected[next_chunk] = {}
+                        next_chunk += 1
+                    idle_deadline = time.monotonic() + config.timeout_ms / 1000 + 60
+                    continue
+                state = clients[sock]
+                if mask & selectors.EVENT_READ:
+                    try:
+                        data = sock.recv(65536)
+                    except BlockingIOError:
+                        data = None
+                    except OSError:
+                        data = b""
+                    if data == b"":
+                        selector.unregister(sock)
+                        sock.close()
+                        del clients[sock]
+                        continue
+                    if data and state[0] is None:
+                        state[1] += data
+                        if b"\n" in state[1]:
+                            state[0] = int(state[1].split(b"\n")[0].strip())
+                            connections_of[state[0]].append(sock)
+                if mask & selectors.EVENT_WRITE and state[2]:
+                    view = state[2][0]
+                    try:
+                        sent = sock.send(view[:SEND_SIZE])
+                    except BlockingIOError:
+                        sent = 0
+                    if sent == len(view):
+                        state[2].popleft()
+                    else:
+                        state[2][0] = view[sent:]
+                    if not state[2]:
+                        selector.modify(sock, selectors.EVENT_READ, key_data(sock))
+        for sock in list(clients):
+            sock.close()
+        event_listener.close()
+        client_listener.close()
+        selector.close()
+        return 0
+
+
+def key_data(connection: socket.socket) -> tuple[str, socket.socket]:
+    return ("client", connection)
+
+
 def write_json(path: str, report: RunReport) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(asdict(report), handle, indent=2)
@@ -1114,6 +1246,8 @@ def write_json(path: str, report: RunReport) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(argv)
+    if config.serve_replay:
+        return ReplayBroker(config).serve()
     run = MazeRun(config)
     try:
         report = run.run()
