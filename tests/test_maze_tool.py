@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
+import select
 import socket
 import subprocess
 import sys
@@ -259,6 +261,15 @@ def test_correct_broker_passes_with_lf_terminators_ordered_stream_and_pregenerat
     assert SUCCESS_LINE in result.stdout
 
 
+def test_generation_pauses_for_a_lagging_client_and_still_passes():
+    # A tiny backlog bound and tiny chunks force many pauses of the generator.
+    with FakeBroker() as broker:
+        result = run_maze(*SMALL_RUN, *broker.ports(), "--max-backlog", "200",
+                          "--chunk-events", "50")
+    assert result.returncode == 0, output_of(result)
+    assert SUCCESS_LINE in result.stdout
+
+
 def test_environment_variables_configure_the_run():
     with FakeBroker() as broker:
         environment = {"eventListenerPort": str(broker.event_port),
@@ -315,6 +326,30 @@ def test_unreachable_broker_fails_clearly():
                       "--clientListenerPort", str(port))
     assert result.returncode == 1
     assert "cannot connect" in result.stdout
+
+
+def test_replay_broker_mode_serves_a_maze_run_with_the_same_settings():
+    settings = ["--totalEvents", "5000", "--concurrencyLevel", "10", "--randomSeed", "3"]
+    replay = subprocess.Popen(
+        [sys.executable, str(MAZE_PATH), "--serve-replay", "--eventListenerPort", "0",
+         "--clientListenerPort", "0", "--timeout", "1000", *settings],
+        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        readable, _, _ = select.select([replay.stderr], [], [], 30)
+        assert readable, "the replay broker did not start"
+        match = re.search(r"events=[^\s:]+:(\d+) clients=[^\s:]+:(\d+)",
+                          replay.stderr.readline())
+        assert match
+        result = run_maze(*SMALL_RUN, *settings, "--eventListenerPort", match.group(1),
+                          "--clientListenerPort", match.group(2))
+        assert result.returncode == 0, output_of(result)
+        assert SUCCESS_LINE in result.stdout
+        assert replay.wait(30) == 0  # it exits once the source closed and all is sent
+    finally:
+        if replay.poll() is None:
+            replay.kill()
+            replay.wait(10)
+        replay.stderr.close()
 
 
 # -- generator -----------------------------------------------------------------------

@@ -666,8 +666,8 @@ class ClientStream:
         where = (f"notification #{number} (byte offset {self.discarded + line_start}, "
                  f"first differing byte at offset {self.discarded + index})")
         if line_start >= len(self.expected):
-            return (f"user {self.user}: extra notification #{number} after the expected end "
-                    f"(byte offset {self.discarded + line_start}, {number - 1} expected): "
+            return (f"user {self.user}: extra notification #{number} (byte offset "
+                    f"{self.discarded + line_start}): only {number - 1} were expected, "
                     f"received {received_line!r}")
         _start, expected_line = self._expected_line_at(index)
         heading = f"user {self.user}: "
@@ -858,7 +858,8 @@ class MazeRun:
         cpu_start = time.process_time()
         started = time.perf_counter()
         events = notifications = source_bytes = notification_bytes = 0
-        for chunk in self._chunk_source():
+        # Always streamed here: the point is to time the generator itself.
+        for chunk in self.generator.chunks(self.config.chunk_events):
             events += chunk.events
             notifications += chunk.notifications
             source_bytes += len(chunk.source)
@@ -1022,8 +1023,11 @@ class MazeRun:
                         source_stalled_for, source_bytes_written, queued_source_bytes,
                         unacknowledged_bytes(source_sock)))
                     break
-                late = [stream for stream in streams
-                        if stream.pending_bytes and now - stream.waiting_since > timeout]
+                # A client's wait counts from its last byte or from the last source write,
+                # whichever is later: while the broker is still taking events, it may not
+                # have received the ones this client waits for.
+                late = [stream for stream in streams if stream.pending_bytes
+                        and now - max(stream.waiting_since, last_write_time) > timeout]
                 if late:
                     if source_stalled_for > timeout / 2:
                         # Clients starve because the broker stopped reading: that is the
@@ -1207,7 +1211,9 @@ class ReplayBroker:
                     if data == b"":
                         selector.unregister(sock)
                         sock.close()
-                        del clients[sock]
+                        user = clients.pop(sock)[0]
+                        if user is not None:
+                            connections_of[user].remove(sock)
                         continue
                     if data and state[0] is None:
                         state[1] += data
@@ -1220,6 +1226,10 @@ class ReplayBroker:
                         sent = sock.send(view[:SEND_SIZE])
                     except BlockingIOError:
                         sent = 0
+                    except OSError:
+                        state[2].clear()  # the client went away: nothing left to send
+                        selector.modify(sock, selectors.EVENT_READ, key_data(sock))
+                        continue
                     if sent == len(view):
                         state[2].popleft()
                     else:
