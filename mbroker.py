@@ -33,6 +33,7 @@ from dataclasses import dataclass, fields
 __all__ = [
     "BrokerConfig", "LineSplitter", "MalformedLine", "parse_event", "parse_user_id",
     "ReorderBuffer", "Exchange", "EventPipeline", "CloseReason", "Broker", "main",
+    "render_dashboard", "LiveDashboard", "make_dashboard",
 ]
 
 log = logging.getLogger("mbroker")
@@ -1368,6 +1369,406 @@ class StatusLinePrinter:
         print(format_status_line(broker.stats(top_clients=0)), file=self.stream, flush=True)
 
 
+DASHBOARD_MAX_CLIENT_ROWS = 100  # most queue rows ever asked of stats(), however tall the terminal
+DASHBOARD_MIN_CLIENT_ROWS = 3  # queue rows kept before the recently-closed list gets any room
+DASHBOARD_CLOSED_ROWS = 5  # recently closed connections shown when every queue row fits
+DASHBOARD_GUARANTEED_CLOSED_ROWS = 2  # ...and shown even when queue rows must make room
+# A queue or buffer past WARNING of its limit is drawn yellow, past DANGER red:
+# red means the broker is about to act (cut a client off, skip events, pause the source).
+WARNING_FRACTION = 0.5
+DANGER_FRACTION = 0.9
+LABEL_WIDTH = 10  # the left column of the header ("source", "reorder", ...)
+LONGEST_NUMBER = 19  # sequence numbers may have any number of digits; longer ones are elided
+# Control characters in a log message (an escape sequence above all) would move
+# the cursor under the live view and tear it; they are shown as \xNN instead.
+CONTROL_CHARACTERS = {code: f"\\x{code:02x}" for code in [*range(32), 127] if chr(code) != "\t"}
+
+
+def _count(number: int) -> str:
+    """1234567 -> '1,234,567'; absurdly long numbers keep their head and tail."""
+    text = f"{number:,}"
+    if len(text) > LONGEST_NUMBER:
+        text = f"{text[:7]}…{text[-11:]}"
+    return text
+
+
+def _size(byte_count: float) -> str:
+    """Bytes in binary units, as the limits are given (16 MiB, 256 MiB)."""
+    if byte_count < 1024:
+        return f"{byte_count:.0f} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        byte_count /= 1024
+        if byte_count < 1024 or unit == "TiB":
+            break
+    return f"{byte_count:.1f} {unit}"
+
+
+def _rate(per_second: float) -> str:
+    return f"{per_second:,.0f}/s"
+
+
+def _duration(seconds: float) -> str:
+    """Two most significant units: '42s', '5m 07s', '3h 02m', '2d 04h'."""
+    seconds = int(max(seconds, 0))
+    days, seconds = divmod(seconds, 86400)
+    hours, seconds = divmod(seconds, 3600)
+    minutes, seconds = divmod(seconds, 60)
+    if days:
+        return f"{days}d {hours:02d}h"
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {seconds:02d}s"
+    return f"{seconds}s"
+
+
+def _fill_style(amount: float, limit: float) -> str:
+    """'' while comfortably under the limit, yellow past half, red when about to hit it."""
+    if limit <= 0:
+        return ""
+    fraction = amount / limit
+    if fraction > DANGER_FRACTION:
+        return "bold red"
+    if fraction > WARNING_FRACTION:
+        return "yellow"
+    return ""
+
+
+def _line(label: str, *parts):
+    """One header line: a label column, then (text, style) parts; never wraps."""
+    from rich.text import Text
+
+    line = Text(no_wrap=True, overflow="ellipsis")
+    line.append(label.ljust(LABEL_WIDTH), style="bold")
+    for part in parts:
+        if isinstance(part, tuple):
+            line.append(*part)
+        else:
+            line.append(part)
+    return line
+
+
+def _packed_lines(label: str, items: list, width: int) -> list:
+    """Lay out (name, value, style) items after a label, as many per line as fit.
+
+    Counters wrap by whole items, so a name is never split from its value and
+    the number of lines is known before anything is drawn.
+    """
+    lines = [_line(label)]
+    for name, value, style in items:
+        entry_length = len(name) + 1 + len(value)
+        current = lines[-1]
+        used = len(current.plain)
+        if used > LABEL_WIDTH and used + 2 + entry_length > width:
+            current = _line("")
+            lines.append(current)
+        elif used > LABEL_WIDTH:
+            current.append("  ")
+        current.append(name, style=style or "")
+        current.append(" " + value, style=style or "")
+    return lines
+
+
+def _source_parts(snapshot: dict) -> list:
+    source = snapshot["source"]
+    if not source["connected"]:
+        so_far = source["connections"]
+        return ["not connected" + (f" ({so_far} connections so far)" if so_far else "")]
+    parts = [f"connected {source['peer']}  "]
+    if source["paused"]:
+        # Backpressure: the broker has stopped reading so the source's TCP
+        # window fills; the operator must see this before anything else.
+        parts.append(("PAUSED by backpressure", "bold red"))
+    else:
+        parts.append("reading")
+    parts.append(f"  {_size(source['bytes_read'])} read")
+    return parts
+
+
+def _header_lines(snapshot: dict, width: int) -> list:
+    from rich.text import Text
+
+    limits = snapshot["limits"]
+    rates = snapshot["rates"]
+    counters = snapshot["counters"]
+
+    title = Text(no_wrap=True, overflow="ellipsis")
+    title.append("mbroker", style="bold")
+    title.append(f"  up {_duration(snapshot['uptime'])}")
+    if snapshot.get("stopping"):
+        title.append("  STOPPING: draining queued notifications", style="bold yellow")
+
+    depth, max_pending = snapshot["reorder_depth"], limits["max_pending"]
+    queued, max_buffered = snapshot["bytes_queued"], limits["max_buffered"]
+    awaiting = snapshot["awaiting_hello"]
+    lines = [
+        title,
+        _line("source", *_source_parts(snapshot)),
+        _line("sequence", f"next {_count(snapshot['next_seq'])}"
+                          f"  highest seen {_count(snapshot['highest_seq'])}"),
+        _line("reorder", (f"{_count(depth)} waiting", _fill_style(depth, max_pending)),
+              f"  largest {_count(snapshot['reorder_depth_max'])}"
+              f"  limit {_count(max_pending)}"),
+        _line("rates", f"events in {_rate(rates['events_in'])}"
+                       f"  out {_rate(rates['events_out'])}"
+                       f"  notifications {_rate(rates['notifications'])}"),
+        _line("output", f"{_size(rates['bytes_out'])}/s  ",
+              (f"{_size(queued)} queued", _fill_style(queued, max_buffered)),
+              f" (source pauses at {_size(max_buffered)})"),
+        _line("clients", f"{_count(snapshot['connections'])} connections"
+                         f"  {_count(snapshot['clients'])} users",
+              (f"  {_count(awaiting)} awaiting id" if awaiting else "")),
+        _line("graph", f"{_count(snapshot['known_users'])} known users"
+                       f"  {_count(snapshot['follows'])} follows"),
+    ]
+    # Zero counters are dimmed so the ones that moved stand out; the names
+    # are the ones the logs and stats() use, so an operator can grep for them.
+    lines += _packed_lines("counters", [
+        (name, _count(value), "" if value else "dim") for name, value in counters.items()
+    ], width)
+    closes = [(reason, _count(count), "yellow" if reason.startswith("slow_consumer") else "")
+              for reason, count in snapshot["closes"].items() if count]
+    lines += _packed_lines("closes", closes, width) if closes else [_line("closes", "none yet")]
+    return lines
+
+
+# The queue table's columns: header, alignment, and the widest a cell may get
+# (None: the peer column, which takes whatever width the others leave).
+CLIENT_COLUMNS = (
+    ("user", "left", 12),
+    ("peer", "left", None),
+    ("queued", "right", 11),
+    ("queued bytes", "right", 14),
+    ("sent", "right", 13),
+    ("connected", "right", 9),
+)
+COLUMN_GAP = 2
+MIN_PEER_WIDTH = 9
+
+
+def _client_rows(snapshot: dict, rows: int, width: int) -> list:
+    """The deepest queues as fixed-width lines, header first.
+
+    Laid out by hand rather than with rich's Table: measuring a Table costs
+    milliseconds per frame, and this runs on the broker's loop four times a
+    second. Each cell is a plain string, so widths are just len().
+    """
+    from rich.text import Text
+
+    max_client_buffer = snapshot["limits"]["max_client_buffer"]
+    cell_rows, styles = [], []
+    for client in snapshot["top_clients"][:rows]:
+        queued_bytes = client["queued_bytes"]
+        style = _fill_style(queued_bytes, max_client_buffer)
+        bytes_cell = _size(queued_bytes)
+        if style:
+            # Near the limit: say how near, since past it the client is cut off.
+            bytes_cell += f" {100 * queued_bytes / max_client_buffer:.0f}%"
+        user = client["user_id"]
+        cell_rows.append(("(no id)" if user is None else str(user),
+                          client["peer"],
+                          _count(client["queued_notifications"]),
+                          bytes_cell,
+                          _count(client["notifications_sent"]),
+                          _duration(client["connected_seconds"])))
+        styles.append(style)
+
+    widths = []
+    for index, (header, _, widest) in enumerate(CLIENT_COLUMNS):
+        natural = max([len(header), *(len(cells[index]) for cells in cell_rows)])
+        widths.append(natural if widest is None else min(natural, widest))
+    peer = 1
+    others = sum(widths) - widths[peer] + COLUMN_GAP * (len(widths) - 1)
+    widths[peer] = max(MIN_PEER_WIDTH, min(widths[peer], width - others))
+
+    def layout(cells, cell_styles, line_style=""):
+        line = Text(no_wrap=True, overflow="ellipsis", style=line_style)
+        for index, (cell, (_, align, _), cell_width) in enumerate(
+                zip(cells, CLIENT_COLUMNS, widths, strict=True)):
+            if len(cell) > cell_width:
+                cell = cell[:cell_width - 1] + "…"
+            cell = cell.ljust(cell_width) if align == "left" else cell.rjust(cell_width)
+            if index:
+                line.append(" " * COLUMN_GAP)
+            line.append(cell, style=cell_styles[index])
+        return line
+
+    no_styles = [""] * len(CLIENT_COLUMNS)
+    lines = [layout([header for header, _, _ in CLIENT_COLUMNS], no_styles, "bold")]
+    bytes_column = 3
+    for cells, style in zip(cell_rows, styles, strict=True):
+        cell_styles = list(no_styles)
+        cell_styles[bytes_column] = style
+        lines.append(layout(cells, cell_styles))
+    return lines
+
+
+def _closed_line(closed: dict):
+    from rich.text import Text
+
+    line = Text(no_wrap=True, overflow="ellipsis")
+    line.append(time.strftime("%H:%M:%S", time.localtime(closed["at"])) + "  ")
+    who = closed["kind"]
+    if closed["user_id"] is not None:
+        who += f" {closed['user_id']}"
+    line.append(f"{who}  {closed['peer']}  ")
+    reason = closed["reason"]
+    line.append(reason, style="yellow" if reason.startswith("slow_consumer") else "")
+    if closed["detail"]:
+        line.append(f"  {closed['detail']}")
+    return line
+
+
+def render_dashboard(snapshot: dict, width: int = 80, height: int = 24):
+    """The dashboard for one stats() snapshot, fitted to width x height.
+
+    Pure: no clock but for formatting timestamps, no broker; the live view and
+    the tests both call it. Every line is a single no-wrap line, so the height
+    is known before drawing: the header first, then the deepest queues, then
+    the last closed connections, as room allows.
+    """
+    from rich.console import Group
+    from rich.text import Text
+
+    header = _header_lines(snapshot, width)[:height]
+    room = height - len(header)
+    top_clients = snapshot["top_clients"]
+    closed = list(reversed(snapshot["recently_closed"][-DASHBOARD_CLOSED_ROWS:]))
+
+    # The queue table costs a blank line, its title and its header; the
+    # recently-closed list a blank line and its title. The queues come first:
+    # the closed list gets a couple of rows, and more only if every queue fits.
+    table_overhead, closed_overhead = 3, 2
+    room_for_rows = room - table_overhead - closed_overhead
+    guaranteed_closed = min(len(closed), DASHBOARD_GUARANTEED_CLOSED_ROWS)
+    if room_for_rows - guaranteed_closed < min(len(top_clients), DASHBOARD_MIN_CLIENT_ROWS):
+        guaranteed_closed = 0  # too short a terminal: the queues only
+    closed = closed[:max(guaranteed_closed, room_for_rows - len(top_clients))]
+    client_rows = room - table_overhead - (closed_overhead + len(closed) if closed else 0)
+
+    parts = [*header]
+    if client_rows >= 1:
+        parts.append(Text(""))
+        total = snapshot["connections"]
+        title = Text("deepest client queues", style="bold", no_wrap=True, overflow="ellipsis")
+        if top_clients:
+            shown = min(len(top_clients), client_rows)
+            title.append(f"  {shown} of {_count(total)} connections", style="")
+            parts += [title, *_client_rows(snapshot, shown, width)]
+        else:
+            parts += [title, Text("no clients connected", style="dim")]
+    if closed:
+        parts += [Text(""), Text("recently closed", style="bold"), *map(_closed_line, closed)]
+    return Group(*parts)
+
+
+class LiveLogHandler(logging.Handler):
+    """Prints log records through the live view's console, above the view.
+
+    Rich redraws the live view below whatever is printed through its console,
+    so log lines scroll up above the dashboard instead of tearing it.
+    """
+
+    def __init__(self, console, level: int = logging.NOTSET):
+        super().__init__(level)
+        self.console = console
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from rich.text import Text
+
+        try:
+            message = self.format(record).translate(CONTROL_CHARACTERS)
+            self.console.print(Text(message), soft_wrap=True)
+        except Exception:
+            self.handleError(record)
+
+
+class LiveDashboard:
+    """--dashboard on a terminal: a rich live view redrawn on the housekeeping tick.
+
+    Called as an observer, on the loop's thread, about four times a second.
+    Rich's own refresh thread stays off (auto_refresh=False): it would render
+    from another thread while the loop changes the broker's state.
+    """
+
+    def __init__(self, stream=None):
+        from rich.console import Console
+        from rich.live import Live
+
+        self.console = Console(file=stream or sys.stdout)
+        # No stdout/stderr redirection: the broker prints nothing itself, and
+        # logging is routed explicitly (route_logging) so that logs sent to a
+        # file stay in that file.
+        self.live = Live(console=self.console, auto_refresh=False, redirect_stdout=False,
+                         redirect_stderr=False, vertical_overflow="crop")
+        self._replaced_handlers: list[tuple[logging.Logger, logging.Handler,
+                                            logging.Handler]] = []
+
+    def __call__(self, broker: Broker, now: float) -> None:
+        width, height = self.console.size
+        # One line is left free: a view exactly as tall as the terminal would
+        # scroll it by a line on every redraw.
+        height = max(height - 1, 1)
+        snapshot = broker.stats(top_clients=min(height, DASHBOARD_MAX_CLIENT_ROWS))
+        renderable = render_dashboard(snapshot, width=width, height=height)
+        if not self.live.is_started:
+            self.live.start()
+        self.live.update(renderable, refresh=True)
+
+    def route_logging(self, logger: logging.Logger | None = None) -> None:
+        """Send logger's handlers that write to a terminal through the live console.
+
+        Handlers writing elsewhere (a file, a pipe) are left alone: they cannot
+        tear the view, and the operator asked for the logs there.
+        """
+        logger = logger or logging.getLogger()
+        for handler in list(logger.handlers):
+            stream = getattr(handler, "stream", None)
+            if not isinstance(handler, logging.StreamHandler) or not _is_terminal(stream):
+                continue
+            replacement = LiveLogHandler(self.console, handler.level)
+            replacement.setFormatter(handler.formatter)
+            logger.removeHandler(handler)
+            logger.addHandler(replacement)
+            self._replaced_handlers.append((logger, handler, replacement))
+
+    def stop(self) -> None:
+        """Leave the last frame on screen and give logging its handlers back."""
+        self.live.stop()
+        for logger, original, replacement in self._replaced_handlers:
+            logger.removeHandler(replacement)
+            logger.addHandler(original)
+        self._replaced_handlers.clear()
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream is not None and stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or already closed
+        return False
+
+
+def make_dashboard(stream=None) -> LiveDashboard | StatusLinePrinter:
+    """The --dashboard observer: a live view on a terminal, a status line otherwise.
+
+    The status line is also the fallback when rich is not installed or the
+    terminal cannot move its cursor (TERM=dumb), so --dashboard always shows
+    something and never prints escape codes into a file.
+    """
+    stream = stream or sys.stdout
+    if not _is_terminal(stream):
+        return StatusLinePrinter(stream)
+    try:
+        dashboard = LiveDashboard(stream)
+    except ImportError:
+        log.warning("rich is not installed: --dashboard prints a status line every %g s",
+                    STATUS_LINE_INTERVAL)
+        return StatusLinePrinter(stream)
+    if not dashboard.console.is_interactive:
+        return StatusLinePrinter(stream)
+    return dashboard
+
+
 # ============================================================================
 # Command line
 #
@@ -1452,12 +1853,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mbroker: {error.message}", file=sys.stderr)
         return 2
     broker.install_signal_handlers()
-    if arguments.dashboard:
-        broker.observers.append(StatusLinePrinter())
+    dashboard = make_dashboard() if arguments.dashboard else None
+    if dashboard is not None:
+        broker.observers.append(dashboard)
+    if isinstance(dashboard, LiveDashboard):
+        dashboard.route_logging()  # log lines print above the live view
     try:
         broker.serve_forever()
     except KeyboardInterrupt:
         pass
+    finally:
+        if isinstance(dashboard, LiveDashboard):
+            dashboard.stop()  # the last frame stays; the cursor and logging come back
     log.info("stopped")
     return 0
 

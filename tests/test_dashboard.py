@@ -1,0 +1,521 @@
+"""The --dashboard view: rendering from fixed stats() snapshots, the live
+observer, log routing, and the real broker under a pseudo-terminal.
+
+render_dashboard is a pure function of a snapshot, so most tests render a
+hand-made snapshot to an in-memory console and read the text an operator
+would see.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import mbroker
+from mbroker import LiveDashboard, LiveLogHandler, make_dashboard, render_dashboard
+
+pytest.importorskip("rich")
+
+ROOT = Path(__file__).resolve().parent.parent
+MIB = 1024 * 1024
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+WAIT = 10.0  # the longest any wait on a child process may take
+
+
+# -- snapshots ---------------------------------------------------------------
+
+
+def empty_snapshot(**config) -> dict:
+    """stats() of a broker that has seen nothing yet (never bound, never served)."""
+    broker = mbroker.Broker(mbroker.BrokerConfig(event_port=0, client_port=0, **config))
+    try:
+        return broker.stats()
+    finally:
+        broker.selector.close()
+
+
+def client(user_id, queued_bytes=0, queued_notifications=0, sent=0, peer=None,
+           connected_seconds=60.0) -> dict:
+    return {"user_id": user_id, "peer": peer or f"127.0.0.1:{40000 + (user_id or 0) % 20000}",
+            "queued_notifications": queued_notifications, "queued_bytes": queued_bytes,
+            "notifications_sent": sent, "bytes_sent": sent * 20,
+            "connected_seconds": connected_seconds}
+
+
+def busy_snapshot(client_count=1000) -> dict:
+    """A broker under load: a connected source, many clients, deepest first."""
+    snapshot = empty_snapshot()
+    snapshot.update(uptime=3723.0, next_seq=1_234_568, highest_seq=1_240_000,
+                    reorder_depth=5_432, reorder_depth_max=9_999, events_in=1_240_000,
+                    events_dispatched=1_234_567, notifications=4_567_890,
+                    bytes_out=98_765_432, clients=client_count - min(client_count, 3),
+                    connections=client_count, awaiting_hello=min(client_count, 3),
+                    known_users=10_000,
+                    follows=123_456, bytes_queued=3 * MIB)
+    snapshot["source"].update(connected=True, peer="127.0.0.1:51234", paused=False,
+                              connections=1, bytes_read=123_456_789)
+    snapshot["rates"] = {"events_in": 120_000.0, "events_out": 119_800.0,
+                         "notifications": 450_000.0, "bytes_out": 33_000_000.0}
+    snapshot["top_clients"] = [
+        client(user_id=1000 + index, queued_bytes=(client_count - index) * 1000,
+               queued_notifications=(client_count - index) * 10, sent=50_000 + index)
+        for index in range(client_count)]
+    return snapshot
+
+
+def render(snapshot: dict, width: int = 80, height: int = 24, color: bool = False) -> str:
+    """What the terminal shows: plain text, or with ANSI colour codes."""
+    console = mbroker_console(width, height, color)
+    console.print(render_dashboard(snapshot, width=width, height=height))
+    return console.file.getvalue()
+
+
+def mbroker_console(width: int, height: int, color: bool):
+    from rich.console import Console
+
+    return Console(file=io.StringIO(), width=width, height=height, force_terminal=color,
+                   color_system="standard" if color else None, legacy_windows=False)
+
+
+def assert_fits(text: str, width: int, height: int) -> None:
+    lines = text.splitlines()
+    assert len(lines) <= height, f"{len(lines)} lines for a {height}-line terminal:\n{text}"
+    for line in lines:
+        assert len(line) <= width, f"line longer than {width}: {line!r}"
+
+
+def style_of(snapshot: dict, text: str, width: int = 80, height: int = 24):
+    """The rich Style the first piece of screen text containing `text` is drawn in."""
+    from rich.style import Style
+
+    console = mbroker_console(width, height, color=True)
+    for segment in console.render(render_dashboard(snapshot, width=width, height=height)):
+        if text in segment.text:
+            return segment.style or Style()
+    raise AssertionError(f"{text!r} is not on the screen")
+
+
+def colour_of(snapshot: dict, text: str) -> str | None:
+    style = style_of(snapshot, text)
+    return style.color.name if style.color else None
+
+
+# -- what an operator must see ---------------------------------------------------
+
+
+def test_empty_broker_shows_every_heading_and_counter():
+    text = render(empty_snapshot())
+    assert_fits(text, 80, 24)
+    assert "mbroker  up 0s" in text
+    assert "source    not connected" in text
+    assert "next 1  highest seen 0" in text
+    assert "0 waiting  largest 0  limit 1,000,000" in text
+    assert "0 connections  0 users" in text
+    assert "0 known users  0 follows" in text
+    assert "0 B queued (source pauses at 256.0 MiB)" in text
+    for name in ("malformed 0", "duplicate 0", "skipped 0", "slow_consumers 0",
+                 "unsequenced 0", "overlong 0", "late 0", "follows_refused 0",
+                 "accept_errors 0"):
+        assert name in text
+    assert "closes    none yet" in text
+    assert "no clients connected" in text
+    assert "recently closed" not in text  # nothing closed: no empty section
+
+
+def test_busy_broker_shows_rates_sequence_and_totals():
+    text = render(busy_snapshot())
+    assert_fits(text, 80, 24)
+    assert "connected 127.0.0.1:51234  reading  117.7 MiB read" in text
+    assert "next 1,234,568  highest seen 1,240,000" in text
+    assert "5,432 waiting  largest 9,999" in text
+    assert "events in 120,000/s  out 119,800/s  notifications 450,000/s" in text
+    assert "31.5 MiB/s  3.0 MiB queued" in text
+    assert "1,000 connections  997 users  3 awaiting id" in text
+    assert "10,000 known users  123,456 follows" in text
+    assert "up 1h 02m" in text
+
+
+def test_client_table_lists_deepest_first_and_as_many_rows_as_fit():
+    snapshot = busy_snapshot(client_count=1000)
+    for height in (24, 40):
+        text = render(snapshot, height=height)
+        assert_fits(text, 80, height)
+        rows = [line for line in text.splitlines() if re.match(r"^1\d{3} ", line)]
+        users = [int(row.split()[0]) for row in rows]
+        assert users == list(range(1000, 1000 + len(users))), "not in snapshot order"
+        assert users[0] == 1000  # the deepest queue is the first row
+        assert f"deepest client queues  {len(users)} of 1,000 connections" in text
+        header = next(line for line in text.splitlines() if line.startswith("user "))
+        for column in ("peer", "queued", "queued bytes", "sent", "connected"):
+            assert column in header
+        # The rows fill the terminal: at most a couple of lines are left over.
+        assert len(text.splitlines()) >= height - 2
+    deepest = next(line for line in render(snapshot).splitlines() if line.startswith("1000 "))
+    assert re.split(r"\s{2,}", deepest.strip()) == [
+        "1000", "127.0.0.1:41000", "10,000", "976.6 KiB", "50,000", "1m 00s"]
+
+
+def test_paused_source_is_shown_in_red():
+    snapshot = busy_snapshot()
+    snapshot["source"]["paused"] = True
+    text = render(snapshot)
+    assert "PAUSED by backpressure" in text
+    assert "reading" not in text
+    assert colour_of(snapshot, "PAUSED") == "red"
+
+
+def test_reading_source_has_no_colour():
+    assert colour_of(busy_snapshot(), "reading") is None
+
+
+def test_slow_consumer_about_to_be_cut_off_is_red_with_its_share_of_the_limit():
+    snapshot = busy_snapshot(client_count=3)
+    limit = snapshot["limits"]["max_client_buffer"]
+    assert limit == 16 * MIB
+    snapshot["top_clients"] = [
+        client(7, queued_bytes=int(limit * 0.97), queued_notifications=800_000),
+        client(8, queued_bytes=int(limit * 0.6), queued_notifications=500_000),
+        client(9, queued_bytes=MIB, queued_notifications=100),
+    ]
+    text = render(snapshot)
+    assert_fits(text, 80, 24)
+    assert "15.5 MiB 97%" in text
+    assert "9.6 MiB 60%" in text
+    calm_row = next(line for line in text.splitlines() if line.startswith("9 "))
+    assert "1.0 MiB" in calm_row and "%" not in calm_row  # far from the limit: no share
+    assert colour_of(snapshot, "15.5 MiB 97%") == "red"
+    assert colour_of(snapshot, "9.6 MiB 60%") == "yellow"
+    assert colour_of(snapshot, "1.0 MiB") is None
+
+
+def test_reorder_buffer_and_total_queue_turn_yellow_past_half_their_limit():
+    snapshot = busy_snapshot()
+    snapshot["reorder_depth"] = 600_000
+    snapshot["bytes_queued"] = 200 * MIB
+    assert colour_of(snapshot, "600,000 waiting") == "yellow"
+    assert colour_of(snapshot, "200.0 MiB queued") == "yellow"
+    snapshot["reorder_depth"] = 950_000  # about to declare the lowest gap lost
+    assert colour_of(snapshot, "950,000 waiting") == "red"
+    calm = busy_snapshot()
+    assert colour_of(calm, "5,432 waiting") is None
+    assert colour_of(calm, "3.0 MiB queued") is None
+
+
+def test_counters_and_closes_use_the_names_of_the_logs_and_stats():
+    snapshot = busy_snapshot()
+    snapshot["counters"].update(malformed=5, duplicate=17, skipped=3, slow_consumers=2)
+    snapshot["closes"].update(client_quit=10, slow_consumer_buffer=2, invalid_id=1)
+    text = render(snapshot)
+    assert_fits(text, 80, 24)
+    for shown in ("malformed 5", "duplicate 17", "skipped 3", "slow_consumers 2",
+                  "client_quit 10", "slow_consumer_buffer 2", "invalid_id 1"):
+        assert shown in text
+    assert "hello_timeout" not in text  # close reasons that never happened are left out
+    # Zero counters are dimmed so that the ones that moved stand out.
+    assert not style_of(snapshot, "slow_consumers").dim
+    assert style_of(snapshot, "late").dim
+
+
+def test_recently_closed_newest_first_with_reason_and_detail():
+    snapshot = busy_snapshot(client_count=2)
+    now = time.time()
+    snapshot["recently_closed"] = [
+        {"kind": "client", "peer": "127.0.0.1:5000", "user_id": 41, "reason": "client_quit",
+         "detail": "", "at": now - 5},
+        {"kind": "client", "peer": "127.0.0.1:5555", "user_id": 42,
+         "reason": "slow_consumer_buffer", "detail": "16777300 bytes queued, limit 16777216",
+         "at": now},
+    ]
+    text = render(snapshot, width=100)
+    lines = text.splitlines()
+    start = lines.index("recently closed")
+    assert "client 42  127.0.0.1:5555  slow_consumer_buffer  16777300 bytes queued" \
+        in lines[start + 1]
+    assert "client 41  127.0.0.1:5000  client_quit" in lines[start + 2]
+    assert colour_of(snapshot, "slow_consumer_buffer") == "yellow"
+
+
+def test_stopping_broker_says_so():
+    snapshot = busy_snapshot()
+    snapshot["stopping"] = True
+    assert "STOPPING: draining queued notifications" in render(snapshot)
+
+
+def test_huge_numbers_and_ipv6_peers_still_fit_80_columns():
+    snapshot = busy_snapshot(client_count=5)
+    snapshot.update(next_seq=10**200, highest_seq=10**200 + 5, reorder_depth=10**12)
+    snapshot["top_clients"][0] = client(10**50, queued_bytes=5 * MIB, sent=10**15,
+                                        peer="[2001:db8:85a3::8a2e:370:7334]:65535")
+    snapshot["top_clients"][1] = client(None, peer="[::1]:1")
+    text = render(snapshot)
+    assert_fits(text, 80, 24)
+    assert "…" in text
+    assert "(no id)" in text
+
+
+@pytest.mark.parametrize("width", [40, 60, 80, 132])
+@pytest.mark.parametrize("height", [3, 10, 24, 60])
+def test_any_terminal_size_is_respected(width, height):
+    snapshot = busy_snapshot(client_count=200)
+    snapshot["counters"].update(malformed=5, duplicate=17, skipped=3, slow_consumers=2)
+    snapshot["closes"].update(client_quit=10, slow_consumer_buffer=2, invalid_id=1)
+    snapshot["recently_closed"] = [
+        {"kind": "client", "peer": f"127.0.0.1:{5000 + index}", "user_id": index,
+         "reason": "client_quit", "detail": "", "at": time.time()} for index in range(10)]
+    assert_fits(render(snapshot, width=width, height=height), width, height)
+
+
+def test_rendering_is_cheap_enough_for_the_event_loop():
+    snapshot = busy_snapshot(client_count=100)
+    console = mbroker_console(132, 60, color=True)
+    console.print(render_dashboard(snapshot, width=132, height=60))  # warm up
+    started = time.perf_counter()
+    frames = 20
+    for _ in range(frames):
+        console.print(render_dashboard(snapshot, width=132, height=60))
+    per_frame = (time.perf_counter() - started) / frames
+    # Four frames a second; measured at ~3 ms. The bound is loose for slow CI.
+    assert per_frame < 0.05, f"{per_frame * 1000:.1f} ms per frame"
+
+
+# -- the live observer and log routing ------------------------------------------
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_live_dashboard_asks_for_only_the_rows_it_can_show():
+    broker = mbroker.Broker(mbroker.BrokerConfig(event_port=0, client_port=0))
+    requested = []
+    real_stats = broker.stats
+
+    def recording_stats(top_clients=20):
+        requested.append(top_clients)
+        return real_stats(top_clients)
+
+    broker.stats = recording_stats
+    screen = io.StringIO()
+    dashboard = LiveDashboard(screen)
+    try:
+        dashboard(broker, time.monotonic())
+        dashboard(broker, time.monotonic())
+        assert dashboard.live.is_started
+    finally:
+        dashboard.stop()
+        broker.selector.close()
+    assert requested and all(count is not None and count <= 100 for count in requested)
+    assert "mbroker  up" in screen.getvalue()  # the last frame stays on screen
+
+
+def test_route_logging_sends_terminal_handlers_through_the_live_console(monkeypatch):
+    monkeypatch.setenv("TERM", "xterm")
+    logger = logging.getLogger("test_dashboard.routing")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    terminal, log_file = FakeTerminal(), io.StringIO()
+    to_terminal = logging.StreamHandler(terminal)
+    to_terminal.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    to_file = logging.StreamHandler(log_file)
+    logger.addHandler(to_terminal)
+    logger.addHandler(to_file)
+    screen = io.StringIO()
+    dashboard = LiveDashboard(screen)
+    try:
+        dashboard.route_logging(logger)
+        assert to_file in logger.handlers and to_terminal not in logger.handlers
+        routed = [h for h in logger.handlers if isinstance(h, LiveLogHandler)]
+        assert len(routed) == 1
+        logger.warning("client 1.2.3.4:5 closed: \x1b[2Jinvalid_id")
+    finally:
+        dashboard.stop()
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+    assert terminal.getvalue() == ""
+    assert "WARNING client 1.2.3.4:5 closed: \\x1b[2Jinvalid_id" in screen.getvalue()
+    assert "\x1b[2J" not in screen.getvalue()  # no escape from a log line reaches the screen
+    assert "closed" in log_file.getvalue()
+    assert logger.handlers == []
+
+
+def test_route_logging_is_undone_by_stop():
+    logger = logging.getLogger("test_dashboard.restore")
+    logger.propagate = False
+    original = logging.StreamHandler(FakeTerminal())
+    logger.addHandler(original)
+    dashboard = LiveDashboard(io.StringIO())
+    dashboard.route_logging(logger)
+    dashboard.stop()
+    try:
+        assert logger.handlers == [original]
+    finally:
+        logger.removeHandler(original)
+
+
+def test_make_dashboard_picks_the_status_line_off_a_terminal(monkeypatch):
+    monkeypatch.setenv("TERM", "xterm-256color")
+    assert isinstance(make_dashboard(io.StringIO()), mbroker.StatusLinePrinter)
+    assert isinstance(make_dashboard(FakeTerminal()), LiveDashboard)
+    monkeypatch.setenv("TERM", "dumb")  # a terminal that cannot move its cursor
+    assert isinstance(make_dashboard(FakeTerminal()), mbroker.StatusLinePrinter)
+
+
+# -- the real broker ---------------------------------------------------------------
+
+
+def broker_command(*arguments: str) -> list[str]:
+    return [sys.executable, str(ROOT / "mbroker.py"), "--dashboard", "--host", "127.0.0.1",
+            *arguments, "0", "0"]
+
+
+def test_dashboard_off_a_terminal_prints_plain_status_lines():
+    process = subprocess.Popen(broker_command(), cwd=ROOT, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        # The first housekeeping tick prints at once; later ones every 5 s.
+        ready, _, _ = select.select([process.stdout], [], [], WAIT)
+        assert ready, "no status line within the wait"
+        first_line = process.stdout.readline().decode()
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=WAIT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(WAIT)
+    output = first_line + stdout.decode()
+    assert process.returncode == 0, stderr.decode()
+    assert first_line.startswith("up ") and "source=disconnected" in first_line
+    assert "next_seq=1" in first_line and "slow_consumers=0" in first_line
+    assert "\x1b" not in output
+
+
+class PseudoTerminal:
+    """The broker with stdin, stdout and stderr on a pty of a given size."""
+
+    def __init__(self, *arguments: str, columns: int = 80, rows: int = 24):
+        import fcntl
+        import pty
+        import struct
+        import termios
+
+        self.master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+        environment = {key: value for key, value in os.environ.items()
+                       if key not in ("COLUMNS", "LINES", "NO_COLOR", "FORCE_COLOR",
+                                      "TTY_COMPATIBLE", "TTY_INTERACTIVE")}
+        environment["TERM"] = "xterm-256color"
+        self.process = subprocess.Popen(broker_command(*arguments), cwd=ROOT, stdin=slave,
+                                        stdout=slave, stderr=slave, env=environment,
+                                        start_new_session=True)
+        os.close(slave)
+        self.output = b""
+
+    def read_until(self, pattern: bytes, timeout: float = WAIT) -> re.Match | None:
+        deadline = time.monotonic() + timeout
+        start = len(self.output)
+        while True:
+            match = re.compile(pattern).search(self.output, start)
+            if match or time.monotonic() > deadline or not self._read(deadline):
+                return match
+
+    def read_to_end(self, timeout: float = WAIT) -> None:
+        deadline = time.monotonic() + timeout
+        while self._read(deadline):
+            pass
+
+    def _read(self, deadline: float) -> bool:
+        """Read what is there; False at end of output or past the deadline."""
+        ready, _, _ = select.select([self.master], [], [], max(deadline - time.monotonic(), 0))
+        if not ready:
+            return False
+        try:
+            chunk = os.read(self.master, 65536)
+        except OSError:  # EIO: every writer closed the pty (the broker exited)
+            return False
+        self.output += chunk
+        return bool(chunk)
+
+    def text(self) -> str:
+        return ANSI_ESCAPE.sub("", self.output.decode(errors="replace"))
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(WAIT)
+        os.close(self.master)
+
+
+@pytest.fixture
+def pseudo_terminal():
+    if not hasattr(mbroker, "render_dashboard"):
+        pytest.skip("the dashboard is not pasted into mbroker.py yet")
+    pytest.importorskip("pty")
+    started = []
+
+    def start(*arguments: str, **size) -> PseudoTerminal:
+        terminal = PseudoTerminal(*arguments, **size)
+        started.append(terminal)
+        return terminal
+
+    yield start
+    for terminal in started:
+        terminal.close()
+
+
+def test_live_dashboard_draws_logs_above_and_exits_cleanly_on_sigint(pseudo_terminal):
+    terminal = pseudo_terminal(columns=80, rows=24)
+    listening = terminal.read_until(rb"events=127\.0\.0\.1:(\d+) clients=127\.0\.0\.1:(\d+)")
+    assert listening, terminal.text()
+    client_port = int(listening.group(2))
+    assert terminal.read_until(rb"deepest client queues"), terminal.text()
+    assert b"\x1b[" in terminal.output  # drawn with cursor movement, not printed lines
+
+    # A client that says something that is not a user id is logged as a
+    # warning while the view is live; the view is drawn again below it.
+    with socket.create_connection(("127.0.0.1", client_port), timeout=WAIT) as bad:
+        bad.sendall(b"not-a-number\n")
+        assert terminal.read_until(rb"invalid_id"), terminal.text()
+    after_log = len(terminal.output)
+    assert terminal.read_until(rb"deepest client queues"), terminal.text()
+    assert len(terminal.output) > after_log
+
+    with socket.create_connection(("127.0.0.1", client_port), timeout=WAIT) as good:
+        good.sendall(b"4242\n")
+        assert terminal.read_until(rb"4242 +127\.0\.0\.1:\d+"), terminal.text()
+
+        terminal.process.send_signal(signal.SIGINT)
+        terminal.read_to_end()
+        assert terminal.process.wait(WAIT) == 0, terminal.text()
+    text = terminal.text()
+    assert "Traceback" not in text
+    assert "stopped" in text
+    assert terminal.output.rfind(b"\x1b[?25h") > terminal.output.rfind(b"\x1b[?25l")  # cursor back
+    for line in re.split(r"[\r\n]+", text):
+        if " INFO " not in line and " WARNING " not in line:  # log lines may wrap
+            assert len(line) <= 80, line
+
+
+def test_queues_come_before_the_recently_closed_list():
+    closed = [{"kind": "client", "peer": f"127.0.0.1:{5000 + index}", "user_id": index,
+               "reason": "client_quit", "detail": "", "at": time.time()} for index in range(10)]
+    crowded = busy_snapshot(client_count=500)
+    crowded["recently_closed"] = closed
+    text = render(crowded, height=24)
+    assert_fits(text, 80, 24)
+    assert sum("client_quit" in line for line in text.splitlines()) == 2  # only the newest
+    quiet = busy_snapshot(client_count=2)
+    quiet["recently_closed"] = closed
+    text = render(quiet, height=40)
+    assert sum("client_quit" in line for line in text.splitlines()) == 5  # room for more
