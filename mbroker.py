@@ -416,54 +416,70 @@ class Exchange:
 
     def dispatch(self, kind: bytes | None, from_user: int | None, to_user: int | None,
                  raw: bytes) -> None:
-        """Apply one in-order event; kind None is a consumed malformed SEQ.
+        """Apply one in-order event; see apply()."""
+        self.apply(((kind, from_user, to_user, raw),))
 
-        kind is one of the module's type constants, compared by identity.
+    def apply(self, events) -> None:
+        """Apply in-order events, each (kind, from_user, to_user, raw line).
+
+        kind is one of the module's type constants, compared by identity, or
+        None for a consumed malformed SEQ. The pipeline hands over a whole
+        slice at once, so this loop, not a call per event, is the hot path.
         """
-        self.dispatched += 1
-        if kind is FOLLOW:
-            followers = self.followers.get(to_user)
-            if followers is None:
-                followers = self.followers[to_user] = set()
-            if from_user not in followers:
-                if self.follow_count < self.max_follows:
-                    followers.add(from_user)
-                    self.follow_count += 1
-                else:
-                    self.follows_refused += 1
-            targets = self.routes.get(to_user)
-            if targets is not None:
-                self._deliver(targets, raw)
-        elif kind is STATUS:
-            followers = self.followers.get(from_user)
-            if followers:
-                routes = self.routes
-                deliver = self._deliver
-                # A C-level intersection walks the smaller of the two sets.
-                for follower in followers & self.connected_users:
-                    deliver(routes[follower], raw)
-        elif kind is PRIVATE:
-            targets = self.routes.get(to_user)
-            if targets is not None:
-                self._deliver(targets, raw)
-        elif kind is UNFOLLOW:
-            followers = self.followers.get(to_user)
-            if followers is not None and from_user in followers:
-                followers.remove(from_user)
-                self.follow_count -= 1
-                if not followers:
-                    del self.followers[to_user]
-        elif kind is BROADCAST:
-            for target in self.subscribers:
-                target.lines.append(raw)
-            self.touched.update(self.subscribers)
-            self.notifications += len(self.subscribers)
-
-    def _deliver(self, targets: list, raw: bytes) -> None:
-        for target in targets:
-            target.lines.append(raw)
-            self.touched.add(target)
-        self.notifications += len(targets)
+        followers_of = self.followers
+        routes = self.routes
+        connected_users = self.connected_users
+        touch = self.touched.add
+        delivered = 0
+        for kind, from_user, to_user, raw in events:
+            if kind is FOLLOW:
+                followers = followers_of.get(to_user)
+                if followers is None:
+                    followers = followers_of[to_user] = set()
+                if from_user not in followers:
+                    if self.follow_count < self.max_follows:
+                        followers.add(from_user)
+                        self.follow_count += 1
+                    else:
+                        self.follows_refused += 1
+                targets = routes.get(to_user)
+                if targets is not None:
+                    for target in targets:
+                        target.lines.append(raw)
+                        touch(target)
+                    delivered += len(targets)
+            elif kind is STATUS:
+                followers = followers_of.get(from_user)
+                if followers:
+                    # A C-level intersection walks the smaller of the two sets.
+                    for follower in followers & connected_users:
+                        targets = routes[follower]
+                        for target in targets:
+                            target.lines.append(raw)
+                            touch(target)
+                        delivered += len(targets)
+            elif kind is PRIVATE:
+                targets = routes.get(to_user)
+                if targets is not None:
+                    for target in targets:
+                        target.lines.append(raw)
+                        touch(target)
+                    delivered += len(targets)
+            elif kind is UNFOLLOW:
+                followers = followers_of.get(to_user)
+                if followers is not None and from_user in followers:
+                    followers.remove(from_user)
+                    self.follow_count -= 1
+                    if not followers:
+                        del followers_of[to_user]
+            elif kind is BROADCAST:
+                subscribers = self.subscribers
+                for target in subscribers:
+                    target.lines.append(raw)
+                self.touched.update(subscribers)
+                delivered += len(subscribers)
+        self.notifications += delivered
+        self.dispatched += len(events)
 
     def followers_of(self, user_id: int) -> set[int]:
         return set(self.followers.get(user_id, ()))
@@ -542,19 +558,19 @@ class EventPipeline:
     def _run_plain(self, lines: list[bytes], start: int, end: int) -> None:
         """The hot path, for chunks of plain event bytes (see PLAIN_EVENT_BYTES).
 
-        Parsing is inlined and an event whose SEQ is the next expected one,
-        with nothing waiting, skips the reorder buffer: this loop runs once
-        per event, so every call and allocation here is paid millions of
-        times. Anything unusual falls back to the strict path, line by line.
+        Parsing is inlined, the next expected event skips the reorder
+        buffer, and the events are handed to the exchange in one list: this
+        loop runs once per event, so every call here is paid millions of
+        times. Anything unusual goes through the strict path, line by line.
         """
         reorder = self.reorder
         push = reorder.push
         pending = reorder.pending
-        dispatch = self.exchange.dispatch
         kinds = PLAIN_KIND_FIELDS
         field_counts = FIELD_COUNTS
-        strict = self._run_strict
-        events = 0
+        in_order: list[tuple] = []
+        ready = in_order.append
+        received = 0
         for index in range(start, end):
             line = lines[index]
             fields = line.split(b"|")
@@ -565,39 +581,40 @@ class EventPipeline:
                 if count != field_counts[kind]:
                     raise ValueError
                 if count == 4:
-                    from_user = int(fields[2])
-                    to_user = int(fields[3])
+                    event = (kind, int(fields[2]), int(fields[3]), line)
                 elif count == 3:
-                    from_user = int(fields[2])
-                    to_user = None
+                    event = (kind, int(fields[2]), None, line)
                 else:
-                    from_user = to_user = None
+                    event = (kind, None, None, line)
             except (ValueError, IndexError, KeyError):
-                strict(lines, index, index + 1)
+                # Keep the order: what is ready so far goes first.
+                self.exchange.apply(in_order)
+                in_order.clear()
+                self._run_strict(lines, index, index + 1)
                 continue
-            events += 1
+            received += 1
             if seq != reorder.next_seq:
-                for ready in push(seq, (kind, from_user, to_user, line)):
-                    dispatch(*ready)
+                in_order.extend(push(seq, event))
                 continue
-            # The next expected event: dispatch it, then whatever it unblocks.
-            dispatch(kind, from_user, to_user, line)
+            # The next expected event: take it, then whatever it unblocks.
+            ready(event)
             seq += 1
             if pending:
                 while seq in pending:
-                    dispatch(*pending.pop(seq))
+                    ready(pending.pop(seq))
                     seq += 1
                 if reorder._lowest_heap is not None:
                     reorder._relax_heap()
             else:
                 reorder.highest_seq = seq - 1  # nothing waits, so nothing higher was seen
             reorder.next_seq = seq
-        self.events_in += events
+        self.exchange.apply(in_order)
+        self.events_in += received
 
     def _run_strict(self, lines: list[bytes], start: int, end: int) -> None:
         """Every line through parse_event: exact errors for the log."""
         push = self.reorder.push
-        dispatch = self.exchange.dispatch
+        apply = self.exchange.apply
         events = 0
         for index in range(start, end):
             line = lines[index]
@@ -615,8 +632,7 @@ class EventPipeline:
                                       problem.seq, problem.reason)
                 seq, kind, from_user, to_user = problem.seq, None, None, None
             events += 1
-            for ready in push(seq, (kind, from_user, to_user, line)):
-                dispatch(*ready)
+            apply(push(seq, (kind, from_user, to_user, line)))
         self.events_in += events
 
     def feed(self, data: bytes) -> None:
@@ -771,6 +787,7 @@ class Broker:
         self._wakeup_writer: socket.socket | None = None
         self.observers: list = []  # called as observer(broker, now) on each housekeeping tick
         self._signals_seen = 0
+        self._handles_signals = False
         self._calls_from_other_threads: deque = deque()
         self._rate_samples: deque[tuple[float, int, int, int, int]] = deque(maxlen=16)
 
@@ -796,6 +813,8 @@ class Broker:
         self._wakeup_writer.setblocking(False)
         self.selector.register(self._wakeup_reader, selectors.EVENT_READ,
                                (self._on_wakeup, self._wakeup_reader))
+        if self._handles_signals:
+            signal.set_wakeup_fd(self._wakeup_writer.fileno(), warn_on_full_buffer=False)
         log.info("listening events=%s:%d clients=%s:%d", config.host, self.event_port,
                  config.host, self.client_port)
 
@@ -847,9 +866,13 @@ class Broker:
         return result.result(timeout)
 
     def install_signal_handlers(self) -> None:
+        """Main thread only. Call before bind(): once the "listening" line is
+        out, a signal must already mean a clean stop, not a traceback."""
         signal.signal(signal.SIGINT, self.handle_signal)
         signal.signal(signal.SIGTERM, self.handle_signal)
-        signal.set_wakeup_fd(self._wakeup_writer.fileno(), warn_on_full_buffer=False)
+        self._handles_signals = True
+        if self._wakeup_writer is not None:
+            signal.set_wakeup_fd(self._wakeup_writer.fileno(), warn_on_full_buffer=False)
 
     def serve_forever(self) -> None:
         if self.event_listener is None:
@@ -906,6 +929,8 @@ class Broker:
             self._close_source(CloseReason.SHUTDOWN)
         for connection in list(self.clients.values()):
             self._close_client(connection, CloseReason.SHUTDOWN)
+        if self._handles_signals:
+            signal.set_wakeup_fd(-1)  # never let a late signal write to a reused fd
         for sock in (self._wakeup_reader, self._wakeup_writer):
             if sock is not None:
                 self._unregister(sock)
@@ -987,6 +1012,8 @@ class Broker:
     # -- the event source ----------------------------------------------------
 
     def _on_source_readable(self, source: SourceConnection, mask: int) -> None:
+        if source is not self.source:
+            return  # replaced earlier in this same wake-up: its socket is closed
         try:
             data = source.sock.recv(self.config.read_size)
         except (BlockingIOError, InterruptedError):
@@ -1847,12 +1874,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=arguments.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
     broker = Broker(config)
+    broker.install_signal_handlers()
     try:
         broker.bind()
     except PortError as error:
         print(f"mbroker: {error.message}", file=sys.stderr)
         return 2
-    broker.install_signal_handlers()
     dashboard = make_dashboard() if arguments.dashboard else None
     if dashboard is not None:
         broker.observers.append(dashboard)
