@@ -262,7 +262,10 @@ class ReorderBuffer:
         self.duplicates = 0
         self.late = 0  # numbers that arrived after being declared lost
         self.skipped = 0  # numbers declared lost, in total
-        self.skipped_ranges: deque[tuple[int, int]] = deque(maxlen=64)
+        # Ranges declared lost and not yet logged: the pipeline takes them after
+        # each slice. Past 64, new ranges merge into the last entry, so one
+        # huge slice of gaps costs a bounded list and a bounded log.
+        self.skipped_ranges: list[tuple[int, int]] = []
         # The lowest pending SEQ is only needed when the buffer overflows, so
         # a heap of pending numbers is kept only while it is nearly full.
         self._lowest_heap: list[int] | None = None
@@ -300,8 +303,14 @@ class ReorderBuffer:
         depth = len(pending)
         if depth > self.largest_depth:
             self.largest_depth = depth
-        if self._lowest_heap is not None:
-            heapq.heappush(self._lowest_heap, seq)
+        heap = self._lowest_heap
+        if heap is not None:
+            heapq.heappush(heap, seq)
+            # Delivered numbers stay in the heap until an overflow pops them;
+            # rebuild before they outnumber the live ones, or it grows forever.
+            if len(heap) > 2 * depth + 1024:
+                self._lowest_heap = list(pending)
+                heapq.heapify(self._lowest_heap)
         elif depth * 2 >= self.max_pending:
             self._lowest_heap = list(pending)
             heapq.heapify(self._lowest_heap)
@@ -313,7 +322,11 @@ class ReorderBuffer:
         lowest = self._lowest_pending()
         first_lost, last_lost = self.next_seq, lowest - 1
         self.skipped += lowest - first_lost
-        self.skipped_ranges.append((first_lost, last_lost))
+        ranges = self.skipped_ranges
+        if len(ranges) < 64:
+            ranges.append((first_lost, last_lost))
+        else:
+            ranges[-1] = (ranges[-1][0], last_lost)
         self._remember_lost(first_lost, last_lost)
         self.next_seq = lowest
         pending = self.pending
@@ -434,13 +447,15 @@ class Exchange:
         for kind, from_user, to_user, raw in events:
             if kind is FOLLOW:
                 followers = followers_of.get(to_user)
-                if followers is None:
-                    followers = followers_of[to_user] = set()
-                if from_user not in followers:
+                if followers is None or from_user not in followers:
                     if self.follow_count < self.max_follows:
+                        if followers is None:
+                            followers = followers_of[to_user] = set()
                         followers.add(from_user)
                         self.follow_count += 1
                     else:
+                        # Refused before any set is made: a refused follow
+                        # must cost no memory, or the cap would mean nothing.
                         self.follows_refused += 1
                 targets = routes.get(to_user)
                 if targets is not None:
@@ -506,7 +521,7 @@ class EventPipeline:
         self._backlog_clean = True  # see PLAIN_EVENT_BYTES
         self._position = 0
         self._overlong_seen = 0
-        self._skips_seen = 0
+        self._skipped_logged = 0
 
     @property
     def overlong(self) -> int:
@@ -566,6 +581,12 @@ class EventPipeline:
         reorder = self.reorder
         push = reorder.push
         pending = reorder.pending
+        # While the buffer is under half full (no overflow heap to keep), an
+        # early event is just stored; the rest goes through ReorderBuffer.push.
+        roomy = reorder.max_pending // 2 - 1
+        next_seq = reorder.next_seq
+        highest = reorder.highest_seq
+        largest = reorder.largest_depth
         kinds = PLAIN_KIND_FIELDS
         field_counts = FIELD_COUNTS
         in_order: list[tuple] = []
@@ -590,24 +611,38 @@ class EventPipeline:
                 # Keep the order: what is ready so far goes first.
                 self.exchange.apply(in_order)
                 in_order.clear()
+                reorder.next_seq, reorder.highest_seq = next_seq, highest
                 self._run_strict(lines, index, index + 1)
+                next_seq, highest = reorder.next_seq, reorder.highest_seq
                 continue
             received += 1
-            if seq != reorder.next_seq:
-                in_order.extend(push(seq, event))
-                continue
-            # The next expected event: take it, then whatever it unblocks.
-            ready(event)
-            seq += 1
-            if pending:
-                while seq in pending:
-                    ready(pending.pop(seq))
-                    seq += 1
-                if reorder._lowest_heap is not None:
-                    reorder._relax_heap()
+            if seq == next_seq:
+                # The next expected event: take it, then whatever it unblocks.
+                ready(event)
+                seq += 1
+                if pending:
+                    while seq in pending:
+                        ready(pending.pop(seq))
+                        seq += 1
+                    if reorder._lowest_heap is not None:
+                        reorder._relax_heap()
+                next_seq = seq
+            elif seq > next_seq and len(pending) < roomy and seq not in pending \
+                    and reorder._lowest_heap is None:
+                pending[seq] = event
+                if seq > highest:
+                    highest = seq
+                if len(pending) > largest:
+                    largest = len(pending)
             else:
-                reorder.highest_seq = seq - 1  # nothing waits, so nothing higher was seen
-            reorder.next_seq = seq
+                reorder.next_seq, reorder.highest_seq = next_seq, highest
+                reorder.largest_depth = max(reorder.largest_depth, largest)
+                in_order.extend(push(seq, event))
+                next_seq, highest = reorder.next_seq, reorder.highest_seq
+                largest = reorder.largest_depth
+        reorder.next_seq = next_seq
+        reorder.highest_seq = max(highest, next_seq - 1)
+        reorder.largest_depth = max(reorder.largest_depth, largest)
         self.exchange.apply(in_order)
         self.events_in += received
 
@@ -640,12 +675,23 @@ class EventPipeline:
         self.run()
 
     def _log_skips(self) -> None:
-        ranges = self.reorder.skipped_ranges
-        while ranges:
-            first, last = ranges.popleft()
-            log.warning("reorder buffer full (--max-pending=%d): sequence numbers %d..%d "
-                        "declared lost (%d numbers); delivery resumes at %d",
-                        self.reorder.max_pending, first, last, last - first + 1, last + 1)
+        reorder = self.reorder
+        ranges = reorder.skipped_ranges
+        if not ranges:
+            return
+        lost = reorder.skipped - self._skipped_logged
+        self._skipped_logged = reorder.skipped
+        if len(ranges) <= 8 and lost == sum(last - first + 1 for first, last in ranges):
+            for first, last in ranges:
+                log.warning("reorder buffer full (--max-pending=%d): sequence numbers %d..%d "
+                            "declared lost (%d numbers); delivery resumes at %d",
+                            reorder.max_pending, first, last, last - first + 1, last + 1)
+        else:
+            log.warning("reorder buffer full (--max-pending=%d): %d sequence numbers in "
+                        "gaps between %d..%d declared lost; delivery resumes at %d",
+                        reorder.max_pending, lost, ranges[0][0], ranges[-1][1],
+                        reorder.next_seq)
+        ranges.clear()
 
 
 # ============================================================================

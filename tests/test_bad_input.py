@@ -1,0 +1,211 @@
+"""SPEC §3, malformed event lines: a line with a valid SEQ that does not parse is
+consumed as a no-op at that SEQ (the stream goes on past it); a line without a
+valid SEQ is dropped; both are counted and logged, and the log is rate-limited."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+from conftest import (
+    assert_nothing_more,
+    connect_client,
+    connect_source,
+    receive_exactly,
+    wait_until,
+)
+from fault_helpers import wait_for_log
+
+MALFORMED_WITH_SEQ = {
+    "unknown type": b"1|X|2|5",
+    "lower-case type": b"1|p|2|5",
+    "empty type": b"1||2|5",
+    "no type at all": b"1",
+    "private with 3 fields": b"1|P|2",
+    "private with 5 fields": b"1|P|2|5|9",
+    "follow with 3 fields": b"1|F|2",
+    "unfollow with 2 fields": b"1|U",
+    "status with 4 fields": b"1|S|2|5",
+    "broadcast with 3 fields": b"1|B|2",
+    "letters for FROM": b"1|P|abc|5",
+    "negative TO": b"1|P|2|-5",
+    "plus sign in TO": b"1|P|2|+5",
+    "underscore in FROM": b"1|P|1_0|5",
+    "empty TO": b"1|P|2|",
+    "space inside TO": b"1|P|2| 5",
+    "arabic-indic digit in TO": "1|P|2|\u0665".encode(),
+    "fullwidth digit in FROM": "1|P|\uff12|5".encode(),
+    "non-UTF-8 FROM": b"1|P|\xff\xfe|5",
+    "non-UTF-8 type": b"1|\xc3\x28|2|5",
+}
+
+UNSEQUENCED = {
+    "letters": b"abc|B",
+    "empty SEQ": b"|B",
+    "negative SEQ": b"-1|B",
+    "plus sign": b"+1|B",
+    "trailing letter": b"1a|B",
+    "space before SEQ": b" 1|B",
+    "underscore": b"1_0|B",
+    "arabic-indic digit": "\u0661|B".encode(),
+    "non-UTF-8 bytes": b"\xff\xfe\xfd|B",
+    "lone separator": b"|",
+    "NUL bytes": b"\x00\x00\x00",
+}
+
+
+def test_malformed_line_with_valid_seq_is_consumed_as_a_noop_and_the_stream_goes_on(
+        start_broker):
+    running = start_broker()
+    user5 = connect_client(running.client_port, 5, wait_registered=running)
+    source = connect_source(running.event_port)
+    # Odd SEQs are malformed, one kind each; the even SEQ after each can only be
+    # delivered if the malformed one before it was consumed.
+    kinds = list(MALFORMED_WITH_SEQ)
+    stream, expected = [], []
+    for index, kind in enumerate(kinds):
+        bad_seq, good_seq = 2 * index + 1, 2 * index + 2
+        stream.append(b"%d" % bad_seq + MALFORMED_WITH_SEQ[kind][1:] + b"\r\n")
+        stream.append(b"%d|P|7|5\r\n" % good_seq)
+        expected.append(b"%d|P|7|5\r\n" % good_seq)
+    source.sendall(b"".join(stream))
+    expected_bytes = b"".join(expected)
+    received = receive_exactly(user5, len(expected_bytes))
+    if received != expected_bytes:
+        stalled_at = running.stats()["next_seq"]
+        pytest.fail(f"stream stalled at SEQ {stalled_at}: the malformed line "
+                    f"{kinds[(stalled_at - 1) // 2]!r} was not consumed; got {received!r}")
+    assert_nothing_more(user5)
+    stats = running.stats()
+    assert stats["counters"]["malformed"] == len(kinds)
+    assert stats["counters"]["unsequenced"] == 0
+    assert stats["next_seq"] == 2 * len(kinds) + 1
+    assert stats["reorder_depth"] == 0
+
+
+def test_malformed_line_arriving_out_of_order_fills_its_gap(start_broker):
+    running = start_broker()
+    user5 = connect_client(running.client_port, 5, wait_registered=running)
+    source = connect_source(running.event_port)
+    source.sendall(b"3|P|7|5\r\n2|NOPE\r\n")
+    wait_until(lambda: running.stats()["reorder_depth"] == 2)
+    source.sendall(b"1|P|7|5\r\n")
+    expected = b"1|P|7|5\r\n3|P|7|5\r\n"
+    assert receive_exactly(user5, len(expected)) == expected
+    assert_nothing_more(user5)
+    assert running.stats()["counters"]["malformed"] == 1
+
+
+def test_malformed_line_is_never_forwarded_to_anyone(start_broker):
+    running = start_broker()
+    clients = {uid: connect_client(running.client_port, uid, wait_registered=running)
+               for uid in (2, 5)}
+    source = connect_source(running.event_port)
+    # 2 follows 5, then lines that look almost like events for 2 and 5.
+    source.sendall(b"1|F|2|5\r\n2|B|x\r\n3|S|5|2\r\n4|P|2|5|\r\n5|F|2\r\n6|B\r\n")
+    assert receive_exactly(clients[5], len(b"1|F|2|5\r\n6|B\r\n")) == b"1|F|2|5\r\n6|B\r\n"
+    assert receive_exactly(clients[2], len(b"6|B\r\n")) == b"6|B\r\n"
+    for sock in clients.values():
+        assert_nothing_more(sock)
+    assert running.stats()["counters"]["malformed"] == 4
+
+
+def test_malformed_follow_does_not_change_the_follow_graph(start_broker):
+    running = start_broker()
+    user2 = connect_client(running.client_port, 2, wait_registered=running)
+    source = connect_source(running.event_port)
+    # 2 would follow 5 if the 5-field follow were applied; the status update of 5
+    # must then reach nobody, and the stream must go on to 3.
+    source.sendall(b"1|F|2|5|9\r\n2|S|5\r\n3|P|1|2\r\n")
+    assert receive_exactly(user2, len(b"3|P|1|2\r\n")) == b"3|P|1|2\r\n"
+    assert_nothing_more(user2)
+
+
+def test_line_without_a_valid_seq_is_dropped_without_consuming_any_number(start_broker):
+    running = start_broker()
+    user5 = connect_client(running.client_port, 5, wait_registered=running)
+    source = connect_source(running.event_port)
+    for count, (kind, line) in enumerate(UNSEQUENCED.items(), start=1):
+        source.sendall(line + b"\r\n")
+        wait_until(lambda count=count: running.stats()["counters"]["unsequenced"] == count)
+        assert running.stats()["next_seq"] == 1, f"{kind}: an unsequenced line consumed a SEQ"
+    assert running.stats()["counters"]["malformed"] == 0
+    source.sendall(b"1|P|7|5\r\n2|B\r\n")
+    expected = b"1|P|7|5\r\n2|B\r\n"
+    assert receive_exactly(user5, len(expected)) == expected
+    assert_nothing_more(user5)
+
+
+def test_empty_lines_are_ignored_without_being_counted(start_broker):
+    running = start_broker()
+    user5 = connect_client(running.client_port, 5, wait_registered=running)
+    source = connect_source(running.event_port)
+    source.sendall(b"\r\n\n\r\n1|B\r\n\n2|B\n")
+    expected = b"1|B\r\n2|B\n"
+    assert receive_exactly(user5, len(expected)) == expected
+    assert_nothing_more(user5)
+    counters = running.stats()["counters"]
+    assert counters["malformed"] == counters["unsequenced"] == 0
+
+
+def test_bad_lines_are_logged_with_their_kind(start_broker, caplog):
+    caplog.set_level("WARNING", logger="mbroker")
+    running = start_broker()
+    source = connect_source(running.event_port)
+    source.sendall(b"1|X\r\nnope|B\r\n")
+    wait_until(lambda: running.stats()["counters"]["unsequenced"] == 1)
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("1" in m and "no-op" in m and "X" in m for m in messages), messages
+    assert any("nope" in m and "dropped" in m for m in messages), messages
+
+
+def test_a_flood_of_bad_lines_is_counted_but_does_not_flood_the_log(start_broker_process):
+    flood = 5000
+    process = start_broker_process("--log-level", "INFO")
+    source = connect_source(process.event_port)
+    baseline = len(process.stderr_lines)
+    # SEQ 1..flood are malformed (consumed), then as many unsequenced lines,
+    # then one good event: its delivery proves the flood was processed.
+    malformed = b"".join(b"%d|Q|1|2\r\n" % seq for seq in range(1, flood + 1))
+    unsequenced = b"x|B\r\n" * flood
+    user5 = connect_client(process.client_port, 5)
+    time.sleep(0.2)  # let the hello land before the good event is dispatched
+    started = time.monotonic()
+    source.sendall(malformed + unsequenced + b"%d|P|1|5\r\n" % (flood + 1))
+    expected = b"%d|P|1|5\r\n" % (flood + 1)
+    assert receive_exactly(user5, len(expected)) == expected
+    elapsed = time.monotonic() - started
+    wait_for_log(process, r"no-op")
+    wait_for_log(process, r"dropped")
+    time.sleep(0.2)
+    logged = process.stderr_lines[baseline:]
+    problem_lines = [line for line in logged if b"no-op" in line or b"dropped" in line]
+    # Each kind is logged, but 10,000 bad lines must not make 10,000 log lines.
+    assert 2 <= len(problem_lines) <= 50, b"".join(logged[:80]).decode(errors="replace")
+    assert len(logged) <= 60
+    assert elapsed < 5.0
+    assert process.stop() == 0
+
+
+def test_suppressed_bad_lines_are_summarised_once_the_window_reopens(start_broker, caplog,
+                                                                     monkeypatch):
+    import mbroker
+
+    caplog.set_level("WARNING", logger="mbroker")
+    clock = [1000.0]
+    running = start_broker()
+    monkeypatch.setattr(running.broker.problems, "clock", lambda: clock[0])
+    source = connect_source(running.event_port)
+    source.sendall(b"".join(b"%d|Q\r\n" % seq for seq in range(1, 101)))
+    wait_until(lambda: running.stats()["counters"]["malformed"] == 100)
+    clock[0] += 60.0
+    source.sendall(b"101|Q\r\n")
+    wait_until(lambda: running.stats()["counters"]["malformed"] == 101)
+    messages = [r.getMessage() for r in caplog.records if "no-op" in r.getMessage()]
+    assert len(messages) <= 12
+    summary = [m for m in messages if re.search(r"\(\d+ similar lines suppressed\)", m)]
+    assert summary, messages
+    suppressed = int(re.search(r"\((\d+) similar", summary[-1]).group(1))
+    assert suppressed == 100 - (len(messages) - 1)
+    assert isinstance(running.broker.problems, mbroker.RateLimitedLog)

@@ -1,0 +1,331 @@
+"""SPEC §3, never crash, never stall silently: garbage and non-UTF-8 bytes on either
+port, connections reset mid-line, half-closed connections and connect/disconnect
+churn leave the broker serving, with its file descriptors back where they
+started; accept bursts are taken whole, and running out of file descriptors
+(EMFILE) pauses accepting — without spinning — while connected clients keep
+being served, and accepting resumes once descriptors are free again."""
+
+from __future__ import annotations
+
+import random
+import resource
+import socket
+import threading
+import time
+
+from conftest import (
+    WAIT,
+    assert_nothing_more,
+    connect_client,
+    connect_source,
+    receive_exactly,
+    wait_until,
+)
+from fault_helpers import (
+    cpu_seconds,
+    open_fds,
+    read_until_closed,
+    reset,
+    tiny_receiver,
+    wait_for_log,
+)
+
+DIGITS = frozenset(b"0123456789")
+
+
+def garbage(seed: int, size: int) -> bytes:
+    """Seeded random bytes without ASCII digits (so no line can carry a valid SEQ),
+    ending with a newline so whatever follows starts a fresh line."""
+    rng = random.Random(seed)
+    data = bytes(b for b in rng.randbytes(size * 2) if b not in DIGITS)[:size - 1]
+    return data + b"\n"
+
+
+def assert_serving(running, source=None, seq: int = 1) -> None:
+    """The broker is alive and delivers: a new client gets a new broadcast."""
+    assert running.thread.is_alive(), "the broker thread died"
+    probe = connect_client(running.client_port, 999_999, wait_registered=running)
+    if source is None:
+        source = connect_source(running.event_port)
+    line = b"%d|P|1|999999\r\n" % seq
+    source.sendall(line)
+    assert receive_exactly(probe, len(line)) == line
+    probe.close()
+
+
+def test_garbage_and_non_utf8_bytes_on_the_event_port_never_crash_the_broker(start_broker):
+    running = start_broker(max_line=512)
+    user5 = connect_client(running.client_port, 5, wait_registered=running)
+    source = connect_source(running.event_port)
+    source.sendall(garbage(1, 300_000))
+    # bytes that look almost like events, invalid UTF-8, NULs, lone CRs, pipes
+    source.sendall(b"|||\r\n\x00|B\r\n\xc3\x28|P\r\n\r\r\r\n|\xff|\xfe|\n\xed\xa0\x80\r\n")
+    source.sendall(b"1|B\r\n")
+    assert receive_exactly(user5, 5) == b"1|B\r\n"
+    assert_nothing_more(user5)
+    counters = running.stats()["counters"]
+    assert counters["unsequenced"] > 100 and counters["overlong"] >= 0
+    # garbage cut off by a reset, then a new source
+    rogue = connect_source(running.event_port)
+    rogue.sendall(garbage(2, 50_000)[:-1])
+    reset(rogue)
+    assert_serving(running, seq=2)
+    assert_nothing_more(user5)
+
+
+def test_garbage_on_the_client_port_never_crashes_the_broker(start_broker):
+    running = start_broker(hello_timeout=5.0)
+    chatty = connect_client(running.client_port, 5, wait_registered=running)
+    rng = random.Random(3)
+    for _ in range(20):  # a registered client talking nonsense is read and ignored
+        chatty.sendall(rng.randbytes(2000))
+    garbage_hellos = []
+    for seed in range(30):
+        sock = socket.create_connection(("127.0.0.1", running.client_port), timeout=WAIT)
+        sock.sendall(random.Random(seed).randbytes(rng.randrange(1, 5000)))
+        garbage_hellos.append(sock)
+    for sock in garbage_hellos:  # each is refused as an invalid id (or waits for its newline)
+        try:
+            sock.sendall(b"\n")
+        except OSError:
+            pass
+        assert read_until_closed(sock, timeout=3.0)[0]
+    source = connect_source(running.event_port)
+    source.sendall(b"1|P|1|5\r\n")
+    assert receive_exactly(chatty, 9) == b"1|P|1|5\r\n"
+    assert_serving(running, source, seq=2)
+    stats = running.stats()
+    assert stats["closes"]["invalid_id"] == 30
+    assert stats["connections"] == 1
+
+
+def test_source_reset_mid_line_is_never_joined_to_the_next_source(start_broker):
+    running = start_broker()
+    user5 = connect_client(running.client_port, 5, wait_registered=running)
+    first = connect_source(running.event_port)
+    first.sendall(b"1|P|7|")
+    time.sleep(0.05)
+    reset(first)
+    wait_until(lambda: not running.stats()["source"]["connected"])
+    second = connect_source(running.event_port)
+    # joined to the old fragment this would be "1|P|7|5", an event for user 5
+    second.sendall(b"5\r\n1|B\r\n")
+    assert receive_exactly(user5, 5) == b"1|B\r\n"
+    assert_nothing_more(user5)
+    assert running.stats()["closes"]["source_error"] + running.stats()["closes"]["source_quit"] == 1
+
+
+def test_replaced_source_with_unread_bytes_does_not_take_the_new_source_down(start_broker):
+    # A new source takes over while the old one still has unread bytes. When the
+    # loop wakes, the takeover and the old source's readable event come in the
+    # same batch; whichever order they are handled in, the new source must stay
+    # connected and be read.
+    running = start_broker()
+    user5 = connect_client(running.client_port, 5, wait_registered=running)
+    old = connect_source(running.event_port)
+    old.sendall(b"1|P|1|5\r\n")
+    assert receive_exactly(user5, 9) == b"1|P|1|5\r\n"
+    held, release = threading.Event(), threading.Event()
+
+    def hold_the_loop() -> None:
+        held.set()
+        release.wait(WAIT)
+
+    running.broker.call_in_loop(hold_the_loop)
+    assert held.wait(WAIT)
+    try:
+        new = connect_source(running.event_port)  # completes in the kernel backlog
+        time.sleep(0.05)
+        old.sendall(b"2|P|1|")  # unterminated: never delivered, whoever reads it
+        time.sleep(0.05)
+    finally:
+        release.set()
+    new.sendall(b"2|P|2|5\r\n3|B\r\n")
+    expected = b"2|P|2|5\r\n3|B\r\n"
+    received = receive_exactly(user5, len(expected), timeout=2.0)
+    assert received == expected, running.stats()["recently_closed"]
+    assert_nothing_more(user5)
+    stats = running.stats()
+    assert stats["source"]["connected"], "the new event source was closed"
+    assert stats["closes"]["source_replaced"] == 1
+    assert stats["closes"]["source_error"] == 0, stats["recently_closed"]
+    assert read_until_closed(old, timeout=2.0)[0]
+
+
+def test_clients_reset_mid_hello_or_with_bytes_queued_are_closed_alone(start_broker):
+    running = start_broker(write_timeout=30.0, max_client_buffer=64 * 1024 * 1024)
+    healthy = connect_client(running.client_port, 5, wait_registered=running)
+    mid_hello = socket.create_connection(("127.0.0.1", running.client_port), timeout=WAIT)
+    mid_hello.sendall(b"12")
+    stalled = tiny_receiver(running.client_port, 5, rcvbuf=4096)
+    wait_until(lambda: running.stats()["clients"] == 2)
+    reset(mid_hello)
+    source = connect_source(running.event_port)
+    pad = b"4" * 3900
+    first_half = b"".join(b"%d|P|%s|5\r\n" % (seq, pad) for seq in range(1, 601))
+    second_half = b"".join(b"%d|P|%s|5\r\n" % (seq, pad) for seq in range(601, 1201))
+    events = first_half + second_half
+    reader_bytes = bytearray()
+    source.sendall(first_half)
+    healthy.settimeout(WAIT)
+    while len(reader_bytes) < len(first_half):  # keep the healthy client drained
+        reader_bytes += healthy.recv(1 << 20)
+    reset(stalled)  # RST while the broker holds bytes for it
+    source.sendall(second_half)
+    healthy.settimeout(WAIT)
+    deadline = time.monotonic() + WAIT
+    while len(reader_bytes) < len(events) and time.monotonic() < deadline:
+        reader_bytes += healthy.recv(1 << 20)
+    assert bytes(reader_bytes) == events
+    wait_until(lambda: running.stats()["connections"] == 1)
+    closes = running.stats()["closes"]
+    assert closes["client_error"] + closes["client_quit"] == 2
+    assert closes["slow_consumer_buffer"] == closes["slow_consumer_timeout"] == 0
+    assert_serving(running, source, seq=1201)
+
+
+def test_half_closed_source_has_its_terminated_lines_delivered(start_broker):
+    running = start_broker()
+    user5 = connect_client(running.client_port, 5, wait_registered=running)
+    source = connect_source(running.event_port)
+    source.sendall(b"1|B\r\n2|P|1|5\r\n3|P|1|5")  # the last line is never terminated
+    source.shutdown(socket.SHUT_WR)
+    expected = b"1|B\r\n2|P|1|5\r\n"
+    assert receive_exactly(user5, len(expected)) == expected
+    wait_until(lambda: running.stats()["closes"]["source_quit"] == 1)
+    assert read_until_closed(source, timeout=2.0)[0]
+    stats = running.stats()
+    assert stats["next_seq"] == 3
+    assert_serving(running, seq=3)
+
+
+def test_half_closed_client_is_closed_alone(start_broker):
+    running = start_broker()
+    other = connect_client(running.client_port, 6, wait_registered=running)
+    half = connect_client(running.client_port, 5, wait_registered=running)
+    half.shutdown(socket.SHUT_WR)  # EOF from a client closes that connection only
+    assert read_until_closed(half, timeout=2.0)[0]
+    assert running.stats()["closes"]["client_quit"] == 1
+    source = connect_source(running.event_port)
+    source.sendall(b"1|B\r\n")
+    assert receive_exactly(other, 5) == b"1|B\r\n"
+
+
+def test_accept_burst_of_hundreds_of_clients_is_served_whole(start_broker):
+    running = start_broker()
+    count = 300
+    clients = [socket.create_connection(("127.0.0.1", running.client_port), timeout=WAIT)
+               for _ in range(count)]
+    for index, sock in enumerate(clients):
+        sock.sendall(b"%d\r\n" % (index + 1))
+    wait_until(lambda: running.stats()["clients"] == count)
+    source = connect_source(running.event_port)
+    source.sendall(b"1|B\r\n")
+    for sock in clients:
+        assert receive_exactly(sock, 5) == b"1|B\r\n"
+
+
+def wait_registered_in_process(source: socket.socket, client: socket.socket) -> None:
+    """Send SEQ 1..100 (private to user 5), one at a time, until the client (user 5)
+    receives one: it is then registered. The rest are sent at once, so the stream
+    continues at 101 whatever happened."""
+    deadline = time.monotonic() + WAIT
+    for seq in range(1, 101):
+        line = b"%d|P|1|5\r\n" % seq
+        source.sendall(line)
+        if time.monotonic() < deadline and receive_exactly(client, len(line), 0.2) == line:
+            rest = b"".join(b"%d|P|1|5\r\n" % later for later in range(seq + 1, 101))
+            source.sendall(rest)
+            assert receive_exactly(client, len(rest)) == rest
+            return
+    raise AssertionError("the client never registered")
+
+
+def churn(client_port: int, event_port: int, cycles: int) -> None:
+    for cycle in range(cycles):
+        kind = cycle % 6
+        port = event_port if kind == 5 else client_port
+        sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+        if kind == 0:
+            sock.sendall(b"%d\r\n" % cycle)
+            sock.close()
+        elif kind == 1:
+            sock.close()
+        elif kind == 2:
+            sock.sendall(b"%d\r\n" % cycle)
+            reset(sock)
+        elif kind == 3:
+            sock.sendall(b"\xff\xfe garbage \x00")
+            reset(sock)
+        elif kind == 4:
+            sock.sendall(b"4")  # mid-hello
+            sock.close()
+        else:
+            sock.sendall(b"|B\r\n")  # a source that says something broken and leaves
+            sock.close()
+
+
+def test_connect_disconnect_churn_returns_open_fds_to_where_they_started(start_broker_process):
+    process = start_broker_process("--hello-timeout", "5")
+    pid = process.process.pid
+    source = connect_source(process.event_port)
+    keeper = connect_client(process.client_port, 5)
+    wait_registered_in_process(source, keeper)
+    baseline = open_fds(pid)
+    churn(process.client_port, process.event_port, cycles=600)
+    # the churn displaced the source; a new one continues the stream
+    source = connect_source(process.event_port)
+    wait_until(lambda: open_fds(pid) == baseline, timeout=WAIT)
+    source.sendall(b"101|P|1|5\r\n")
+    assert receive_exactly(keeper, 11) == b"101|P|1|5\r\n"
+    assert process.process.poll() is None
+    assert "Traceback" not in process.stderr_text()
+    assert process.stop() == 0
+
+
+def test_connect_disconnect_churn_leaves_no_connections_behind(start_broker):
+    running = start_broker(hello_timeout=5.0)
+    churn(running.client_port, running.event_port, cycles=300)
+    wait_until(lambda: running.stats()["connections"] == 0 and
+               not running.stats()["source"]["connected"])
+    assert running.stats()["awaiting_hello"] == 0
+    assert_serving(running)
+
+
+def test_running_out_of_file_descriptors_pauses_accepting_without_spinning(
+        start_broker_process):
+    process = start_broker_process("--hello-timeout", "30")
+    pid = process.process.pid
+    source = connect_source(process.event_port)
+    keeper = connect_client(process.client_port, 5)
+    wait_registered_in_process(source, keeper)
+    baseline = open_fds(pid)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (64, 64))
+    extras = []
+    try:
+        for _ in range(90):  # more than 64 descriptors can hold; the backlog keeps the rest
+            extras.append(socket.create_connection(("127.0.0.1", process.client_port),
+                                                   timeout=WAIT))
+        wait_for_log(process, r"cannot accept")
+        assert open_fds(pid) <= 64
+        # connected clients are still served
+        source.sendall(b"101|P|1|5\r\n")
+        assert receive_exactly(keeper, 11) == b"101|P|1|5\r\n"
+        # and the loop does not spin on a listener it cannot accept from
+        before = cpu_seconds(pid)
+        time.sleep(1.0)
+        used = cpu_seconds(pid) - before
+        assert used < 0.3, f"{used:.2f} s of CPU in 1 s while out of file descriptors"
+    finally:
+        for sock in extras:
+            sock.close()
+    # once descriptors are free, accepting resumes: a new client is served
+    newcomer = connect_client(process.client_port, 6)
+    wait_until(lambda: open_fds(pid) <= baseline + 1, timeout=WAIT)
+    time.sleep(0.2)  # let the newcomer's hello be read
+    source.sendall(b"102|B\r\n")
+    assert receive_exactly(newcomer, 7) == b"102|B\r\n"
+    assert receive_exactly(keeper, 7) == b"102|B\r\n"
+    assert process.process.poll() is None
+    assert "Traceback" not in process.stderr_text()
+    assert process.stop() == 0

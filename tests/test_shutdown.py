@@ -1,0 +1,146 @@
+"""SPEC §3, SIGINT / SIGTERM: at once stop accepting clients and reading events,
+deliver what was already dispatched (bytes already queued for a client count)
+within --drain-timeout, close everything and exit 0; a second signal exits at
+once. Each test runs `python mbroker.py` as a child process."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+from conftest import connect_client, connect_source, receive_exactly
+from fault_helpers import read_until_closed, send_until_blocked, wait_for_log
+
+PAD = b"3" * 3900
+QUEUED_EVENTS = 2500  # ~10 MB for one client: more than the kernel takes, so the broker queues
+
+
+def event(seq: int, to_user: int) -> bytes:
+    return b"%d|P|%s|%d\r\n" % (seq, PAD, to_user)
+
+
+def refused(port: int) -> bool:
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=1.0)
+    except ConnectionRefusedError:
+        return True
+    sock.close()
+    return False
+
+
+def exit_code(process, timeout: float = 5.0) -> int:
+    """Wait for a signalled broker to exit by itself (no further signal)."""
+    try:
+        return process.process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the broker did not exit within {timeout} s")
+
+
+def queue_for_a_client_that_does_not_read(process, late_user: int = 7):
+    """Connect a client that does not read and a marker client; dispatch
+    QUEUED_EVENTS for the first, then one for the marker, and wait for that
+    one: everything before it has then been dispatched."""
+    late = connect_client(process.client_port, late_user)
+    marker = connect_client(process.client_port, 8)
+    source = connect_source(process.event_port)
+    source.sendall(b"1|B\r\n")  # both registered once both receive it
+    assert receive_exactly(marker, 5) == b"1|B\r\n"
+    events = b"".join(event(seq, late_user) for seq in range(2, QUEUED_EVENTS + 2))
+    marker_seq = QUEUED_EVENTS + 2
+    source.sendall(events + b"%d|P|1|8\r\n" % marker_seq)
+    expected_marker = b"%d|P|1|8\r\n" % marker_seq
+    assert receive_exactly(marker, len(expected_marker), timeout=10) == expected_marker
+    return late, marker, source, b"1|B\r\n" + events, marker_seq
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_delivers_queued_notifications_to_a_late_reader_refuses_new_connections_and_exits_0(
+        start_broker_process, signum):
+    process = start_broker_process("--drain-timeout", "4", "--write-timeout", "30",
+                                   "--max-client-buffer", str(64 * 1024 * 1024))
+    late, marker, source, expected, marker_seq = queue_for_a_client_that_does_not_read(process)
+    signalled = time.monotonic()
+    process.process.send_signal(signum)
+    wait_for_log(process, r"stopping")
+    # still draining (the late client has bytes queued), yet closed to newcomers
+    assert process.process.poll() is None, "exited before delivering queued notifications"
+    assert refused(process.client_port), "a new client was accepted after the signal"
+    assert refused(process.event_port), "a new event source was accepted after the signal"
+    # the event source is closed: events sent now are not read, and never delivered
+    closed, _ = read_until_closed(source, timeout=2.0)
+    assert closed, "the event source was not closed on the signal"
+    try:
+        source.sendall(b"%d|P|1|7\r\n" % (marker_seq + 1))
+    except OSError:
+        pass
+    # the late client finally reads: it gets every dispatched byte, then EOF
+    closed, received = read_until_closed(late, timeout=10.0)
+    assert closed
+    assert len(received) == len(expected), (len(received), len(expected))
+    assert received == expected
+    assert exit_code(process) == 0
+    assert time.monotonic() - signalled < 4.0 + 2.0
+    assert read_until_closed(marker, timeout=2.0)[0]
+    assert "Traceback" not in process.stderr_text()
+
+
+def test_drain_timeout_bounds_shutdown_when_a_client_never_reads(start_broker_process):
+    process = start_broker_process("--drain-timeout", "1", "--write-timeout", "30",
+                                   "--max-client-buffer", str(64 * 1024 * 1024))
+    late, _marker, _source, _expected, _seq = queue_for_a_client_that_does_not_read(process)
+    signalled = time.monotonic()
+    process.process.send_signal(signal.SIGTERM)
+    code = exit_code(process)
+    elapsed = time.monotonic() - signalled
+    assert code == 0
+    assert 0.8 <= elapsed < 3.0, elapsed
+    wait_for_log(process, r"drain timeout")
+    assert "Traceback" not in process.stderr_text()
+
+
+def test_second_signal_exits_at_once_while_draining(start_broker_process):
+    process = start_broker_process("--drain-timeout", "30", "--write-timeout", "60",
+                                   "--max-client-buffer", str(64 * 1024 * 1024))
+    late, _marker, _source, _expected, _seq = queue_for_a_client_that_does_not_read(process)
+    process.process.send_signal(signal.SIGINT)
+    wait_for_log(process, r"stopping")
+    time.sleep(0.3)
+    assert process.process.poll() is None, "should still be draining after one signal"
+    second = time.monotonic()
+    process.process.send_signal(signal.SIGINT)
+    exit_code(process, timeout=2.0)
+    assert time.monotonic() - second < 2.0
+    assert "Traceback" not in process.stderr_text()
+
+
+def test_idle_broker_exits_0_promptly_on_sigterm_closing_its_clients(start_broker_process):
+    process = start_broker_process()
+    client = connect_client(process.client_port, 5)
+    source = connect_source(process.event_port)
+    source.sendall(b"1|B\r\n")
+    assert receive_exactly(client, 5) == b"1|B\r\n"
+    started = time.monotonic()
+    process.process.send_signal(signal.SIGTERM)
+    assert exit_code(process) == 0
+    assert time.monotonic() - started < 1.5
+    assert read_until_closed(client, timeout=1.0)[0]
+    assert read_until_closed(source, timeout=1.0)[0]
+    assert "Traceback" not in process.stderr_text()
+
+
+def test_source_blocked_by_backpressure_is_released_by_shutdown(start_broker_process):
+    # A paused source must not keep the broker alive: shutdown closes it too.
+    process = start_broker_process("--max-buffered", "100000", "--drain-timeout", "1",
+                                   "--write-timeout", "30")
+    client = connect_client(process.client_port, 7)
+    source = connect_source(process.event_port)
+    source.sendall(b"1|P|1|7\r\n")
+    assert receive_exactly(client, 9) == b"1|P|1|7\r\n"
+    stream = b"".join(event(seq, 7) for seq in range(2, 3002))
+    send_until_blocked(source, stream, stall=0.5, budget=8.0)
+    wait_for_log(process, r"pausing the event source")
+    process.process.send_signal(signal.SIGTERM)
+    assert exit_code(process) == 0
