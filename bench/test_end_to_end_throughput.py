@@ -1,0 +1,267 @@
+"""End-to-end throughput over loopback: mbroker.py and tools/maze.py, each in its own
+process.
+
+Every round starts a fresh broker on ephemeral ports (a broker keeps its sequence state
+when the source disconnects, so it cannot serve two maze runs), runs maze against it in
+pre-generated mode, reads the broker's CPU time and peak RSS from /proc while it is
+still up, and stops it with SIGINT. The time pytest-benchmark reports is the whole maze
+process (start-up, pre-generation, connecting the clients, the settle and grace
+periods); the throughput figures in extra_info are maze's own, measured from the first
+event byte written to the last notification verified.
+
+A last benchmark measures maze alone against its in-process discarding sink, to show
+that the load tool is not what limits the end-to-end figures.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import queue
+import re
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MAZE_PATH = REPO_ROOT / "tools" / "maze.py"
+SUCCESS_LINE = "\\o/ ALL NOTIFICATIONS RECEIVED \\o/"
+LISTENING = re.compile(r"events=[^\s:]+:(\d+) clients=[^\s:]+:(\d+)")
+
+STARTUP_TIMEOUT = 15  # seconds for the broker to log its ports
+STOP_TIMEOUT = 30  # seconds for the broker to drain and exit after SIGINT
+MAZE_TIMEOUT = 300  # seconds for one whole maze run, the largest included
+
+FULL_ROUNDS = 3
+# Descriptors beyond one per client: listeners, the source, the selector, std streams,
+# the interpreter's own files.
+SPARE_FILES = 256
+
+# Sizes are keyed by full_size: {True: the benchmark run, False: the smoke run}.
+
+# 1,000,000 events at the harness defaults otherwise (100 clients of 1,000 users,
+# batches up to 100, \r\n).
+DEFAULT_EVENTS = {True: 1_000_000, False: 50_000}
+
+# Many clients and ten times the default share of broadcasts (2% instead of 0.2%): each
+# broadcast is a notification for every client, so this is the fan-out case.
+MANY_CLIENTS = {True: 10_000, False: 1_000}
+MANY_CLIENTS_EVENTS = {True: 50_000, False: 10_000}
+BROADCAST_HEAVY_MIX = "F=350,U=150,B=20,P=250,S=230"
+
+SINK_EVENTS = {True: 2_000_000, False: 100_000}
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def open_file_limit_raiser(needed: int):
+    """A preexec_fn that lets a child open `needed` files, up to the hard limit.
+
+    Only the children get the higher limit; the pytest process keeps its own.
+    """
+
+    def raise_limit() -> None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < needed:
+            new_soft = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
+
+    return raise_limit
+
+
+def skip_unless_open_files_allowed(needed: int) -> None:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        pytest.skip(f"needs {needed} open files per process but the hard RLIMIT_NOFILE is "
+                    f"{hard}; raise it (ulimit -Hn, limits.conf) to run this benchmark")
+
+
+class BrokerProcess:
+    """mbroker.py as a subprocess on ephemeral loopback ports.
+
+    A thread drains its stderr, so the broker never blocks on a full pipe; the last
+    lines are kept for failure messages.
+    """
+
+    def __init__(self, open_files: int):
+        self.process = subprocess.Popen(
+            [sys.executable, "mbroker.py", "--host", "127.0.0.1", "0", "0"],
+            cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True, errors="replace",
+            preexec_fn=open_file_limit_raiser(open_files))
+        self.recent_lines: collections.deque[str] = collections.deque(maxlen=50)
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+        self.event_port, self.client_port = self._wait_for_ports()
+
+    def _drain(self) -> None:
+        for line in self.process.stderr:
+            self.recent_lines.append(line.rstrip("\n"))
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def _wait_for_ports(self) -> tuple[int, int]:
+        try:
+            while (line := self._lines.get(timeout=STARTUP_TIMEOUT)) is not None:
+                match = LISTENING.search(line)
+                if match:
+                    return int(match.group(1)), int(match.group(2))
+        except queue.Empty:
+            pass
+        self.kill()
+        raise AssertionError("the broker did not log its listening ports:\n" + self.log())
+
+    def log(self) -> str:
+        return "\n".join(self.recent_lines)
+
+    def usage(self) -> tuple[float, float]:
+        """(CPU seconds so far, peak RSS in MB), from /proc while the broker runs."""
+        pid = self.process.pid
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        # Fields after the ")" that closes the command name: utime and stime are the
+        # 12th and 13th of them (fields 14 and 15 of proc(5)).
+        fields = stat.rsplit(")", 1)[1].split()
+        cpu_seconds = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        status = Path(f"/proc/{pid}/status").read_text()
+        peak_kib = int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE).group(1))
+        return cpu_seconds, peak_kib / 1024
+
+    def stop(self) -> int:
+        """SIGINT, then a bounded wait for the broker to drain and exit."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+        try:
+            return self.process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"the broker did not stop within {STOP_TIMEOUT} s of "
+                                 f"SIGINT:\n{self.log()}") from None
+        finally:
+            self._reader.join(STOP_TIMEOUT)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(STOP_TIMEOUT)
+
+
+class EndToEndRound:
+    """One fresh broker and one maze run against it."""
+
+    def __init__(self, report_path: Path, open_files: int):
+        self.report_path = report_path
+        self.open_files = open_files
+        self.broker = BrokerProcess(open_files)
+        self.report: dict | None = None
+        self.broker_cpu_seconds = 0.0
+        self.broker_peak_rss_mb = 0.0
+
+    def drive(self, maze_arguments: list[str]) -> None:
+        """The measured part: the whole maze process."""
+        command = [sys.executable, str(MAZE_PATH),
+                   "--eventListenerPort", str(self.broker.event_port),
+                   "--clientListenerPort", str(self.broker.client_port),
+                   "--pregenerate", "--logInterval", "0", "--json", str(self.report_path),
+                   *maze_arguments]
+        result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True,
+                                timeout=MAZE_TIMEOUT,
+                                preexec_fn=open_file_limit_raiser(self.open_files))
+        details = (f"maze stdout:\n{result.stdout}\nmaze stderr:\n{result.stderr}\n"
+                   f"broker log (last lines):\n{self.broker.log()}")
+        assert result.returncode == 0, details
+        assert SUCCESS_LINE in result.stdout.splitlines(), details
+        self.report = json.loads(self.report_path.read_text())
+
+    def finish(self) -> None:
+        """Read the broker's usage, then stop it; safe to call twice."""
+        if self.broker.process.poll() is None:
+            self.broker_cpu_seconds, self.broker_peak_rss_mb = self.broker.usage()
+        exit_code = self.broker.stop()
+        assert exit_code == 0, f"the broker exited {exit_code} on SIGINT:\n{self.broker.log()}"
+
+
+def run_end_to_end(benchmark, tmp_path: Path, record_rates, maze_arguments: list[str],
+                   rounds: int, clients: int) -> None:
+    open_files = clients + SPARE_FILES
+    skip_unless_open_files_allowed(open_files)
+    started: list[EndToEndRound] = []
+
+    def fresh_round():
+        # Untimed: a broker for this round alone, up and listening before maze starts.
+        end_to_end_round = EndToEndRound(tmp_path / f"maze-round-{len(started)}.json",
+                                         open_files)
+        started.append(end_to_end_round)
+        return (end_to_end_round, maze_arguments), {}
+
+    try:
+        benchmark.pedantic(EndToEndRound.drive, setup=fresh_round,
+                           teardown=lambda end_to_end_round, _: end_to_end_round.finish(),
+                           rounds=rounds)
+        # pytest-benchmark skips teardown when benchmarks are disabled (the smoke run).
+        for end_to_end_round in started:
+            end_to_end_round.finish()
+    finally:
+        for end_to_end_round in started:
+            end_to_end_round.broker.kill()
+
+    reports = [end_to_end_round.report for end_to_end_round in started]
+    events, notifications = reports[0]["events"], reports[0]["notifications"]
+    # Same seed, same workload: every round must have carried the same counts.
+    assert all((report["events"], report["notifications"]) == (events, notifications)
+               for report in reports), reports
+    record_rates(events, notifications, [report["seconds"] for report in reports])
+    broker_cpu = statistics.median(r.broker_cpu_seconds for r in started)
+    benchmark.extra_info.update({
+        "clients": clients,
+        "broker_cpu_seconds": round(broker_cpu, 2),
+        "events_per_broker_cpu_second": round(events / broker_cpu) if broker_cpu else None,
+        "broker_peak_rss_mb": round(max(r.broker_peak_rss_mb for r in started), 1),
+        "maze_cpu_seconds": round(statistics.median(r["cpu_seconds"] for r in reports), 2),
+    })
+
+
+@pytest.mark.benchmark(group="end-to-end")
+def test_end_to_end_default_settings(benchmark, tmp_path, full_size, record_rates):
+    arguments = ["--totalEvents", str(DEFAULT_EVENTS[full_size])]
+    run_end_to_end(benchmark, tmp_path, record_rates, arguments,
+                   rounds=FULL_ROUNDS if full_size else 1, clients=100)
+
+
+@pytest.mark.benchmark(group="end-to-end")
+def test_end_to_end_many_clients_broadcast_heavy(benchmark, tmp_path, full_size,
+                                                 record_rates):
+    clients = MANY_CLIENTS[full_size]
+    arguments = ["--totalEvents", str(MANY_CLIENTS_EVENTS[full_size]),
+                 "--concurrencyLevel", str(clients), "--mix", BROADCAST_HEAVY_MIX]
+    run_end_to_end(benchmark, tmp_path, record_rates, arguments,
+                   rounds=FULL_ROUNDS if full_size else 1, clients=clients)
+
+
+@pytest.mark.benchmark(group="load-tool")
+def test_load_tool_ceiling_pregenerated_sink(benchmark, tmp_path, full_size, record_rates):
+    """maze --sink --pregenerate: its sending ceiling, with no broker and no clients."""
+    total_events = SINK_EVENTS[full_size]
+    reports: list[dict] = []
+
+    def run_sink():
+        report_path = tmp_path / f"sink-round-{len(reports)}.json"
+        result = subprocess.run(
+            [sys.executable, str(MAZE_PATH), "--sink", "--pregenerate",
+             "--totalEvents", str(total_events), "--logInterval", "0",
+             "--json", str(report_path)],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=MAZE_TIMEOUT)
+        assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+        assert SUCCESS_LINE in result.stdout.splitlines(), result.stdout
+        reports.append(json.loads(report_path.read_text()))
+
+    benchmark.pedantic(run_sink, rounds=FULL_ROUNDS if full_size else 1)
+    assert all(report["events"] == total_events for report in reports)
+    record_rates(total_events, 0, [report["seconds"] for report in reports])
