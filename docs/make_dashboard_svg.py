@@ -1,23 +1,34 @@
 #!/usr/bin/env python3
 """Draw docs/dashboard.svg: what `mbroker --dashboard` shows, for the README.
 
-    python docs/make_dashboard_svg.py            # a fixed, realistic snapshot
-    python docs/make_dashboard_svg.py --live 3   # a real broker after 3 s of load
+    python docs/make_dashboard_svg.py            # a real broker during a load run (8 s)
+    python docs/make_dashboard_svg.py --live 5   # the same, after 5 s of load
+    python docs/make_dashboard_svg.py --fixed    # a fixed, hand-made snapshot
 
-The fixed snapshot is hand-made so that every colour rule shows: a client
-queue about to be cut off, a growing reorder buffer, closes by slow consumers.
-With --live, a broker runs on this process's threads on ephemeral loopback
-ports, fed by a synthetic source and clients (one of which never reads), and
-its own stats() snapshot is drawn.
+The default (--live) is what produced docs/dashboard.svg: a real mbroker.Broker
+runs on a thread of this process, on ephemeral loopback ports, driven by
+tools/maze.py as a subprocess (3,000,000 events, 100 clients, maze's defaults
+otherwise). One extra client, with a tiny receive buffer, registers as a user
+that takes part in the events but that maze does not connect, and never reads,
+so the deepest-queue table shows a real queue; maze verifies only its own
+clients. After SECONDS of load the broker's own snapshot (stats(), taken on its
+loop's thread) is drawn at 80 x 30, then maze and the broker are stopped.
+
+The fixed snapshot is reproducible (the SVG only changes when the dashboard
+does) and shows every colour rule: a client queue about to be cut off, a
+growing reorder buffer, closes by slow consumers.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
+import logging
 import os
 import random
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -84,73 +95,115 @@ def fixed_snapshot() -> dict:
     return snapshot
 
 
+MAZE = ROOT / "tools" / "maze.py"
+MAZE_EVENTS = 3_000_000
+MAZE_CLIENTS = 100
+MAZE_SEED = 666  # maze's default; it decides which users maze connects
+STARTUP_TIMEOUT = 60.0  # seconds for maze to connect its clients and start sending
+STOP_TIMEOUT = 10.0  # seconds for maze, then the broker, to stop
+
+
+def maze_connected_users(clients: int, users: int, seed: int) -> set[int]:
+    """The user ids maze connects with these settings (its choice is seeded)."""
+    spec = importlib.util.spec_from_file_location("maze", MAZE)
+    maze = importlib.util.module_from_spec(spec)
+    sys.modules["maze"] = maze  # its dataclasses look their module up by name
+    spec.loader.exec_module(maze)
+    return set(maze.WorkloadGenerator(0, clients, users, seed=seed).connected_users)
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
 def live_snapshot(seconds: float) -> dict:
-    """Run a real broker under synthetic load for `seconds` and return its stats()."""
-    config = mbroker.BrokerConfig(event_port=0, client_port=0, max_client_buffer=4 * MIB,
-                                  max_pending=200_000)
-    broker = mbroker.Broker(config)
+    """A real broker's stats() after `seconds` of a maze load run."""
+    users = MAZE_CLIENTS * 10  # maze's default numberOfUsers
+    taken = maze_connected_users(MAZE_CLIENTS, users, MAZE_SEED)
+    stalled_user = min(set(range(1, users + 1)) - taken)  # in maze's events, not its clients
+
+    broker = mbroker.Broker(mbroker.BrokerConfig(host="127.0.0.1", event_port=0, client_port=0))
     broker.bind()
-    loop = threading.Thread(target=broker.serve_forever, daemon=True)
+    loop = threading.Thread(target=broker.serve_forever, name="broker", daemon=True)
     loop.start()
-    stop = threading.Event()
-    sockets = []
-
-    def reader(sock: socket.socket) -> None:
-        while not stop.is_set():
-            try:
-                if not sock.recv(1 << 16):
-                    return
-            except OSError:
-                return
-
+    stalled = maze = None
     try:
-        for user in range(1, 51):
-            sock = socket.socket()
-            if user == 50:  # a client that never reads: its queue grows toward the limit
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.connect(("127.0.0.1", broker.client_port))
-            sock.sendall(f"{user}\r\n".encode())
-            sockets.append(sock)
-            if user != 50:
-                threading.Thread(target=reader, args=(sock,), daemon=True).start()
-        source = socket.create_connection(("127.0.0.1", broker.event_port))
-        sockets.append(source)
-        shuffle = random.Random(666)
-        deadline = time.monotonic() + seconds
-        sequence = 1
-        while time.monotonic() < deadline:
-            batch = []
-            for number in range(sequence, sequence + 1000):
-                kind = shuffle.choice("FFFUPPSSB")
-                sender, target = shuffle.randrange(1, 60), shuffle.randrange(1, 60)
-                fields = {"F": (sender, target), "U": (sender, target),
-                          "P": (sender, target), "S": (sender,), "B": ()}[kind]
-                batch.append("|".join(map(str, (number, kind, *fields))))
-            sequence += 1000
-            shuffle.shuffle(batch)
-            source.sendall(("\r\n".join(batch) + "\r\n").encode())
-        time.sleep(0.5)  # let the rates settle over the last housekeeping samples
-        return broker.snapshot(top_clients=HEIGHT)
+        # The client that never reads. A tiny receive buffer alone is not enough on
+        # loopback: the broker's send buffer grows with the segment size (64 KiB
+        # there) and would swallow a couple of MiB first. A small MSS keeps the
+        # kernel's share to tens of KiB, so the rest piles up in the broker's queue.
+        stalled = socket.socket()
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        stalled.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1000)
+        stalled.settimeout(5)
+        stalled.connect(("127.0.0.1", broker.client_port))
+        stalled.sendall(f"{stalled_user}\r\n".encode())
+        wait_for(lambda: broker.snapshot(top_clients=0)["clients"] == 1, 5,
+                 "the extra client to register")
+
+        command = [sys.executable, str(MAZE), "--host", "127.0.0.1",
+                   "--eventListenerPort", str(broker.event_port),
+                   "--clientListenerPort", str(broker.client_port),
+                   "--totalEvents", str(MAZE_EVENTS), "--concurrencyLevel", str(MAZE_CLIENTS),
+                   "--randomSeed", str(MAZE_SEED), "--logInterval", "0"]
+        maze = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+
+        def loaded() -> bool:
+            if maze.poll() is not None:
+                raise RuntimeError(f"maze exited early with code {maze.returncode}")
+            snapshot = broker.snapshot(top_clients=0)
+            return snapshot["clients"] > MAZE_CLIENTS and snapshot["events_in"] > 0
+
+        wait_for(loaded, STARTUP_TIMEOUT, "maze to connect and send")
+        time.sleep(seconds)  # rates are averaged over the last few seconds
+        if maze.poll() is not None:
+            raise RuntimeError("maze finished before the snapshot: lower --live")
+        snapshot = broker.snapshot(top_clients=HEIGHT)
+        print(f"user {stalled_user} never reads; maze: {' '.join(command[1:])}")
+        return snapshot
     finally:
-        stop.set()
+        # Stopping maze resets its 100 connections: one warning each, not news here.
+        logging.getLogger("mbroker").setLevel(logging.ERROR)
+        if maze is not None and maze.poll() is None:
+            maze.terminate()
+            try:
+                maze.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                maze.kill()
+                maze.wait(STOP_TIMEOUT)
+        if stalled is not None:
+            stalled.close()
         broker.request_stop()
-        loop.join(10)
-        for sock in sockets:
-            sock.close()
+        broker.request_stop()  # a second request: no drain, stop now
+        loop.join(STOP_TIMEOUT)
+        if loop.is_alive():
+            print("warning: the broker's thread did not stop", file=sys.stderr)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--live", type=float, metavar="SECONDS",
-                        help="draw a real broker after this many seconds of synthetic load")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--live", type=float, metavar="SECONDS", default=8.0,
+                      help="draw a real broker after this many seconds of a maze load run "
+                           "(the default mode; default %(default)g s)")
+    mode.add_argument("--fixed", action="store_true",
+                      help="draw the fixed, hand-made snapshot instead (reproducible)")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "dashboard.svg")
     arguments = parser.parse_args()
+    if not arguments.fixed and arguments.live <= 0:
+        parser.error("--live needs a positive number of seconds")
 
     from rich.console import Console
 
     os.environ["TZ"] = "UTC"
     time.tzset()
-    snapshot = live_snapshot(arguments.live) if arguments.live else fixed_snapshot()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    snapshot = fixed_snapshot() if arguments.fixed else live_snapshot(arguments.live)
     console = Console(record=True, width=WIDTH, height=HEIGHT, force_terminal=True,
                       color_system="truecolor", file=io.StringIO())
     console.print(render_dashboard(snapshot, width=WIDTH, height=HEIGHT))
