@@ -890,7 +890,10 @@ class Broker:
     def handle_signal(self, signum, frame) -> None:
         self._signals_seen += 1
         if self._signals_seen > 1:
-            # The operator insists: no drain, no cleanup beyond the kernel's.
+            # The operator insists: no drain, no cleanup beyond the kernel's,
+            # except giving a terminal its cursor back if the live view hid it.
+            if self.observers and sys.stdout.isatty():
+                os.write(sys.stdout.fileno(), b"\x1b[?25h\n")
             os._exit(128 + signum)
         self.request_stop()
 
