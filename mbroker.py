@@ -93,7 +93,8 @@ FIELD_COUNTS = {FOLLOW: 4, UNFOLLOW: 4, PRIVATE: 4, STATUS: 3, BROADCAST: 2}
 KIND_FIELDS = {kind: kind for kind in FIELD_COUNTS}
 # The fast path splits lines without stripping the b"\r" first, so there a
 # broadcast's type field (its last) may still carry it.
-PLAIN_KIND_FIELDS = {**KIND_FIELDS, BROADCAST + b"\r": BROADCAST}
+FOUR_FIELD_KINDS = {kind: kind for kind, count in FIELD_COUNTS.items() if count == 4}
+BROADCAST_FIELDS = {BROADCAST, BROADCAST + b"\r"}
 # Bytes a well-formed chunk of events consists of, except b"\r". When a chunk
 # holds nothing else and every b"\r" sits right before a b"\n", int() cannot
 # meet a sign, a space, an underscore or a stray b"\r", and so is exactly as
@@ -574,66 +575,66 @@ class EventPipeline:
         """The hot path, for chunks of plain event bytes (see PLAIN_EVENT_BYTES).
 
         Parsing is inlined, the next expected event skips the reorder
-        buffer, and the events are handed to the exchange in one list: this
-        loop runs once per event, so every call here is paid millions of
-        times. Anything unusual goes through the strict path, line by line.
+        buffer, and the events are handed to the exchange in one list. This
+        loop runs once per event, so each bytecode in it is paid millions of
+        times a second; anything unusual goes through the strict path.
         """
         reorder = self.reorder
         push = reorder.push
         pending = reorder.pending
-        # While the buffer is under half full (no overflow heap to keep), an
-        # early event is just stored; the rest goes through ReorderBuffer.push.
-        roomy = reorder.max_pending // 2 - 1
+        # Under a quarter full the buffer keeps no overflow heap (see
+        # ReorderBuffer), so an early event is simply stored; anything else
+        # (duplicates, a fuller buffer) goes through ReorderBuffer.push.
+        roomy = reorder.max_pending // 4 - 1
         next_seq = reorder.next_seq
         highest = reorder.highest_seq
         largest = reorder.largest_depth
-        kinds = PLAIN_KIND_FIELDS
-        field_counts = FIELD_COUNTS
+        four_field_kinds = FOUR_FIELD_KINDS
+        broadcast_fields = BROADCAST_FIELDS
         in_order: list[tuple] = []
         ready = in_order.append
-        received = 0
-        for index in range(start, end):
-            line = lines[index]
+        fallbacks = 0
+        for line in lines[start:end]:
             fields = line.split(b"|")
             try:
-                seq = int(fields[0])
-                kind = kinds[fields[1]]
                 count = len(fields)
-                if count != field_counts[kind]:
-                    raise ValueError
                 if count == 4:
-                    event = (kind, int(fields[2]), int(fields[3]), line)
-                elif count == 3:
-                    event = (kind, int(fields[2]), None, line)
+                    event = (four_field_kinds[fields[1]], int(fields[2]), int(fields[3]), line)
+                elif count == 3 and fields[1] == STATUS:
+                    event = (STATUS, int(fields[2]), None, line)
+                elif count == 2 and fields[1] in broadcast_fields:
+                    event = (BROADCAST, None, None, line)
                 else:
-                    event = (kind, None, None, line)
-            except (ValueError, IndexError, KeyError):
+                    raise ValueError
+                seq = int(fields[0])
+            except (ValueError, KeyError):
                 # Keep the order: what is ready so far goes first.
                 self.exchange.apply(in_order)
                 in_order.clear()
                 reorder.next_seq, reorder.highest_seq = next_seq, highest
-                self._run_strict(lines, index, index + 1)
+                self._run_strict([line], 0, 1)
                 next_seq, highest = reorder.next_seq, reorder.highest_seq
+                fallbacks += 1
                 continue
-            received += 1
             if seq == next_seq:
                 # The next expected event: take it, then whatever it unblocks.
                 ready(event)
                 seq += 1
                 if pending:
+                    # Depth only grows by storing and shrinks here, so its
+                    # peak is always seen right before a release.
+                    if len(pending) > largest:
+                        largest = len(pending)
                     while seq in pending:
                         ready(pending.pop(seq))
                         seq += 1
                     if reorder._lowest_heap is not None:
                         reorder._relax_heap()
                 next_seq = seq
-            elif seq > next_seq and len(pending) < roomy and seq not in pending \
-                    and reorder._lowest_heap is None:
+            elif seq > next_seq and len(pending) < roomy and seq not in pending:
                 pending[seq] = event
                 if seq > highest:
                     highest = seq
-                if len(pending) > largest:
-                    largest = len(pending)
             else:
                 reorder.next_seq, reorder.highest_seq = next_seq, highest
                 reorder.largest_depth = max(reorder.largest_depth, largest)
@@ -642,9 +643,9 @@ class EventPipeline:
                 largest = reorder.largest_depth
         reorder.next_seq = next_seq
         reorder.highest_seq = max(highest, next_seq - 1)
-        reorder.largest_depth = max(reorder.largest_depth, largest)
+        reorder.largest_depth = max(largest, len(pending))
         self.exchange.apply(in_order)
-        self.events_in += received
+        self.events_in += end - start - fallbacks
 
     def _run_strict(self, lines: list[bytes], start: int, end: int) -> None:
         """Every line through parse_event: exact errors for the log."""

@@ -11,7 +11,9 @@ this process drains the terminal on a thread (both modes get the same
 terminal). Then `tools/maze.py --totalEvents N --pregenerate --json ...` is run
 against it, and its events/s is the run's number. Runs alternate without/with,
 to spread the drift of a shared machine over both; every raw number is
-printed, then the medians and their ratio.
+printed, then the medians and their ratio. The broker's own CPU time during
+the maze run (from /proc) is reported too: on a busy machine it is steadier
+than throughput.
 
 Loopback only, ephemeral ports; every wait is bounded (broker start, maze run,
 broker stop), and a broker that does not stop on SIGINT is killed.
@@ -78,8 +80,9 @@ class Terminal:
         os.close(self.master)
 
 
-def start_broker(dashboard: bool, terminal: Terminal) -> tuple[subprocess.Popen, int, int, list]:
-    command = [sys.executable, str(BROKER), "--host", "127.0.0.1", "0", "0"]
+def start_broker(dashboard: bool, terminal: Terminal,
+                 program: Path = BROKER) -> tuple[subprocess.Popen, int, int, list]:
+    command = [sys.executable, str(program), "--host", "127.0.0.1", "0", "0"]
     if dashboard:
         command.append("--dashboard")
     environment = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
@@ -118,12 +121,21 @@ def stop_broker(broker: subprocess.Popen) -> int:
     return broker.returncode
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_once(dashboard: bool, arguments: argparse.Namespace, workdir: Path, index: int) -> dict:
     terminal = Terminal(arguments.columns, arguments.rows)
     report_path = workdir / f"run{index}.json"
     broker = None
     try:
-        broker, event_port, client_port, log_lines = start_broker(dashboard, terminal)
+        broker, event_port, client_port, log_lines = start_broker(dashboard, terminal,
+                                                                  arguments.broker)
+        time.sleep(arguments.settle)  # past start-up: imports, the first frames
+        cpu_before = cpu_seconds(broker.pid)
         command = [sys.executable, str(MAZE), "--host", "127.0.0.1",
                    "--eventListenerPort", str(event_port),
                    "--clientListenerPort", str(client_port),
@@ -131,6 +143,7 @@ def run_once(dashboard: bool, arguments: argparse.Namespace, workdir: Path, inde
                    "--logInterval", "0", "--json", str(report_path)]
         maze = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True,
                               text=True, timeout=arguments.maze_timeout, cwd=ROOT)
+        broker_cpu = cpu_seconds(broker.pid) - cpu_before
         if maze.returncode != 0 or SUCCESS_LINE not in maze.stdout:
             raise RuntimeError(f"maze failed (exit {maze.returncode}):\n"
                                f"{maze.stdout[-2000:]}{maze.stderr[-2000:]}")
@@ -140,7 +153,8 @@ def run_once(dashboard: bool, arguments: argparse.Namespace, workdir: Path, inde
             stop_broker(broker)
         terminal.close()
     return {"dashboard": dashboard, "events_per_second": report["events_per_second"],
-            "seconds": report["seconds"], "terminal_bytes": terminal.bytes_read,
+            "seconds": report["seconds"], "broker_cpu_seconds": broker_cpu,
+            "terminal_bytes": terminal.bytes_read,
             "warnings": sum(" WARNING " in line for line in log_lines)}
 
 
@@ -151,6 +165,10 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=1_000_000, help="maze --totalEvents")
     parser.add_argument("--columns", type=int, default=80, help="terminal width")
     parser.add_argument("--rows", type=int, default=30, help="terminal height")
+    parser.add_argument("--broker", type=Path, default=BROKER,
+                        help="the mbroker.py to run (e.g. a copy, while the tree is edited)")
+    parser.add_argument("--settle", type=float, default=1.0,
+                        help="seconds between the broker's listening line and starting maze")
     parser.add_argument("--maze-timeout", type=float, default=300.0,
                         help="seconds one maze run may take before it is abandoned")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
@@ -167,22 +185,30 @@ def main() -> int:
             results.append(result)
             print(f"run {index + 1:2d}  {'with   ' if dashboard else 'without'} dashboard  "
                   f"{result['events_per_second']:>9,.0f} events/s  "
-                  f"{result['seconds']:6.2f} s  terminal {result['terminal_bytes']:>9,} B  "
+                  f"{result['seconds']:5.2f} s  broker cpu {result['broker_cpu_seconds']:5.2f} s  "
+                  f"terminal {result['terminal_bytes']:>9,} B  "
                   f"({time.monotonic() - started:.0f} s wall)", flush=True)
 
     def median(dashboard: bool) -> float:
         return statistics.median(r["events_per_second"] for r in results
                                  if r["dashboard"] == dashboard)
 
+    def median_cpu(dashboard: bool) -> float:
+        return statistics.median(r["broker_cpu_seconds"] for r in results
+                                 if r["dashboard"] == dashboard)
+
     without, with_ = median(False), median(True)
     ratio = with_ / without
-    print(f"median without dashboard: {without:,.0f} events/s")
-    print(f"median with dashboard:    {with_:,.0f} events/s")
-    print(f"ratio with/without: {ratio:.3f} ({(ratio - 1) * 100:+.1f}%)")
+    cpu_without, cpu_with = median_cpu(False), median_cpu(True)
+    print(f"median without dashboard: {without:,.0f} events/s  broker cpu {cpu_without:.2f} s")
+    print(f"median with dashboard:    {with_:,.0f} events/s  broker cpu {cpu_with:.2f} s")
+    print(f"ratio with/without: throughput {ratio:.3f} ({(ratio - 1) * 100:+.1f}%), "
+          f"broker cpu {cpu_with / cpu_without:.3f}")
     if arguments.json:
         arguments.json.write_text(json.dumps(
             {"runs": results, "median_without": without, "median_with": with_,
-             "ratio": ratio, "events": arguments.events,
+             "ratio": ratio, "median_cpu_without": cpu_without, "median_cpu_with": cpu_with,
+             "events": arguments.events,
              "terminal": [arguments.columns, arguments.rows]}, indent=2) + "\n")
     return 0
 
