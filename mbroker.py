@@ -446,18 +446,19 @@ class Exchange:
         touch = self.touched.add
         delivered = 0
         for kind, from_user, to_user, raw in events:
-            if kind is FOLLOW:
-                followers = followers_of.get(to_user)
-                if followers is None or from_user not in followers:
-                    if self.follow_count < self.max_follows:
-                        if followers is None:
-                            followers = followers_of[to_user] = set()
-                        followers.add(from_user)
-                        self.follow_count += 1
-                    else:
-                        # Refused before any set is made: a refused follow
-                        # must cost no memory, or the cap would mean nothing.
-                        self.follows_refused += 1
+            if kind is FOLLOW or kind is PRIVATE:
+                if kind is FOLLOW:
+                    followers = followers_of.get(to_user)
+                    if followers is None or from_user not in followers:
+                        if self.follow_count < self.max_follows:
+                            if followers is None:
+                                followers = followers_of[to_user] = set()
+                            followers.add(from_user)
+                            self.follow_count += 1
+                        else:
+                            # Refused before any set is made: a refused follow
+                            # must cost no memory, or the cap would mean nothing.
+                            self.follows_refused += 1
                 targets = routes.get(to_user)
                 if targets is not None:
                     for target in targets:
@@ -474,13 +475,6 @@ class Exchange:
                             target.lines.append(raw)
                             touch(target)
                         delivered += len(targets)
-            elif kind is PRIVATE:
-                targets = routes.get(to_user)
-                if targets is not None:
-                    for target in targets:
-                        target.lines.append(raw)
-                        touch(target)
-                    delivered += len(targets)
             elif kind is UNFOLLOW:
                 followers = followers_of.get(to_user)
                 if followers is not None and from_user in followers:
@@ -496,6 +490,24 @@ class Exchange:
                 delivered += len(subscribers)
         self.notifications += delivered
         self.dispatched += len(events)
+
+    def take_output(self) -> list[tuple[object, bytes, int]]:
+        """(subscriber, bytes, notifications) for each subscriber touched since
+        the last call: its new lines joined into one buffer, each line with
+        the b"\n" the splitter took off, so it can leave in one send."""
+        touched = self.touched
+        if not touched:
+            return []
+        self.touched = set()
+        output = []
+        for subscriber in touched:
+            lines = subscriber.lines
+            if lines:
+                subscriber.lines = []
+                count = len(lines)
+                lines.append(b"")
+                output.append((subscriber, b"\n".join(lines), count))
+        return output
 
     def followers_of(self, user_id: int) -> set[int]:
         return set(self.followers.get(user_id, ()))
@@ -1171,20 +1183,11 @@ class Broker:
 
     def _flush(self) -> None:
         """Turn each touched client's new lines into bytes and send them."""
-        exchange = self.exchange
-        touched = exchange.touched
-        if not touched:
-            return
-        exchange.touched = set()
         max_client_buffer = self.config.max_client_buffer
-        for connection in touched:
-            lines = connection.lines
-            if not lines or connection.closed:
+        for connection, data, count in self.exchange.take_output():
+            if connection.closed:
                 continue
-            connection.lines = []
-            connection.notifications_queued += len(lines)
-            lines.append(b"")
-            data = b"\n".join(lines)
+            connection.notifications_queued += count
             outbound = connection.outbound
             if outbound:
                 outbound += data

@@ -75,18 +75,9 @@ class CoreRound:
 
     def _flush(self) -> None:
         # The reactor's _flush, minus the socket: one joined buffer per touched client.
-        exchange = self.exchange
-        touched = exchange.touched
-        if not touched:
-            return
-        exchange.touched = set()
         sent = self.sent
-        for subscriber in touched:
-            lines = subscriber.lines
-            if lines:
-                subscriber.lines = []
-                lines.append(b"")
-                sent[subscriber.user_id].append(b"\n".join(lines))
+        for subscriber, data, _count in self.exchange.take_output():
+            sent[subscriber.user_id].append(data)
 
     def output(self) -> dict[int, bytes]:
         return {user: b"".join(chunks) for user, chunks in self.sent.items()}
