@@ -6,6 +6,7 @@ dropped, so clients that stalled and then read get every notification in order."
 from __future__ import annotations
 
 import re
+import socket
 import threading
 import time
 
@@ -77,3 +78,42 @@ def test_full_outbound_buffers_pause_the_source_until_clients_drain_and_nothing_
     for message in relieved:  # resumed only once below half of --max-buffered
         queued = int(re.search(r"(\d+) bytes queued", message).group(1))
         assert queued <= MAX_BUFFERED // 2, message
+
+
+def test_broadcast_fan_out_to_many_stalled_clients_stays_near_the_limit(start_broker,
+                                                                         monkeypatch):
+    # Small kernel send buffers (as for remote clients) so the broker's own
+    # queues, not the kernel's, take the fan-out.
+    original_accept = socket.socket.accept
+
+    def accept_with_small_send_buffer(self):
+        sock, address = original_accept(self)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        return sock, address
+
+    monkeypatch.setattr(socket.socket, "accept", accept_with_small_send_buffer)
+    limit = 1 << 20
+    clients = 300
+    line_length = 1000
+    running = start_broker(max_buffered=limit, write_timeout=60.0)
+    stalled = [tiny_receiver(running.client_port, user, rcvbuf=4096) for user in range(clients)]
+    wait_until(lambda: running.stats()["clients"] == clients)
+    peak = 0
+    source = small_sender(running.event_port)
+    pad = b"0" * (line_length - 10)
+    stream = b"".join(b"%s%d|B\r\n" % (pad, seq) for seq in range(1, 1001))
+    sent = send_until_blocked(source, stream)
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        stats = running.stats()
+        peak = max(peak, stats["bytes_queued"])
+        if stats["source"]["paused"]:
+            break
+        time.sleep(0.02)
+    assert running.stats()["source"]["paused"], f"source not paused after {sent} bytes"
+    # One slice may pass the limit by its fan-out budget (an eighth of the
+    # limit) plus one broadcast to every client, never by a whole read.
+    bound = limit + limit // 8 + clients * line_length
+    assert peak <= bound, f"{peak} bytes queued for a limit of {limit}"
+    for sock in stalled:
+        sock.close()

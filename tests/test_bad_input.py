@@ -52,6 +52,8 @@ UNSEQUENCED = {
     "non-UTF-8 bytes": b"\xff\xfe\xfd|B",
     "lone separator": b"|",
     "NUL bytes": b"\x00\x00\x00",
+    "sequence number zero": b"0|B",
+    "zeros only": b"000|P|1|5",
 }
 
 
@@ -209,3 +211,18 @@ def test_suppressed_bad_lines_are_summarised_once_the_window_reopens(start_broke
     suppressed = int(re.search(r"\((\d+) similar", summary[-1]).group(1))
     assert suppressed == 100 - (len(messages) - 1)
     assert isinstance(running.broker.problems, mbroker.RateLimitedLog)
+
+
+def test_malformed_resend_of_a_delivered_seq_is_a_duplicate_not_a_noop(start_broker, caplog):
+    running = start_broker()
+    user5 = connect_client(running.client_port, 5, wait_registered=running)
+    source = connect_source(running.event_port)
+    source.sendall(b"1|P|7|5\r\n")
+    assert receive_exactly(user5, 9) == b"1|P|7|5\r\n"
+    caplog.clear()
+    source.sendall(b"1|X|7|5\r\n2|B\r\n")
+    assert receive_exactly(user5, 5) == b"2|B\r\n"
+    counters = running.stats()["counters"]
+    assert counters["duplicate"] == 1
+    assert counters["malformed"] == 0, "nothing was consumed: SEQ 1 had been delivered"
+    assert "consumed as a no-op" not in caplog.text

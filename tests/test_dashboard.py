@@ -519,3 +519,72 @@ def test_queues_come_before_the_recently_closed_list():
     quiet["recently_closed"] = closed
     text = render(quiet, height=40)
     assert sum("client_quit" in line for line in text.splitlines()) == 5  # room for more
+
+
+def test_a_failing_status_display_is_removed_and_the_broker_keeps_serving(start_broker):
+    from conftest import connect_client, connect_source, receive_exactly, wait_until
+
+    running = start_broker()
+    broker = running.broker
+
+    def broken_display(broker, now):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    broker.call_in_loop(lambda: broker.observers.append(broken_display))
+    wait_until(lambda: broker.snapshot() is not None and not broker.observers)
+    client = connect_client(running.client_port, 5, wait_registered=running)
+    source = connect_source(running.event_port)
+    source.sendall(b"1|B\r\n")
+    assert receive_exactly(client, 5) == b"1|B\r\n"
+
+
+def test_a_terminal_that_stops_reading_never_stalls_delivery():
+    # Nobody reads the terminal (as under Ctrl-S): frames pile up in the
+    # terminal's buffer, and a blocking write would freeze the whole broker.
+    pty = pytest.importorskip("pty")
+    master, slave = pty.openpty()
+    # Fill the terminal's buffer first, so the very first frame meets it full.
+    os.set_blocking(slave, False)
+    try:
+        while True:
+            os.write(slave, b"x" * 4096)
+    except BlockingIOError:
+        pass
+    os.set_blocking(slave, True)
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "mbroker.py"), "--dashboard", "--host", "127.0.0.1",
+         "0", "0"],
+        stdin=slave, stdout=slave, stderr=subprocess.PIPE, cwd=ROOT,
+        env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "200", "LINES": "100"})
+    try:
+        line = process.stderr.readline().decode()
+        ports = re.search(r"events=[^\s:]+:(\d+) clients=[^\s:]+:(\d+)", line)
+        assert ports, line
+        event_port, client_port = map(int, ports.groups())
+        client = socket.create_connection(("127.0.0.1", client_port), timeout=WAIT)
+        client.sendall(b"5\n")
+        source = socket.create_connection(("127.0.0.1", event_port), timeout=WAIT)
+        client.settimeout(2.0)
+        deadline = time.monotonic() + 2.0  # several frames' worth
+        seq = 0
+        while time.monotonic() < deadline:
+            seq += 1
+            source.sendall(b"%d|B\r\n" % seq)
+            expected = b"%d|B\r\n" % seq
+            assert client.recv(100) == expected, f"broadcast {seq} stalled"
+            time.sleep(0.1)
+    finally:
+        process.send_signal(signal.SIGINT)
+        os.set_blocking(master, False)
+        end = time.monotonic() + WAIT
+        while process.poll() is None and time.monotonic() < end:
+            try:
+                os.read(master, 65536)
+            except BlockingIOError:
+                time.sleep(0.05)
+        if process.poll() is None:
+            process.kill()
+        process.wait(WAIT)
+        process.stderr.close()
+        os.close(master)
+        os.close(slave)

@@ -158,7 +158,14 @@ def test_parse_event_reads_each_of_the_five_event_types(line, parsed):
 
 def test_parse_event_compares_ids_and_seq_as_integers():
     assert parse_event(b"0009|F|007|0050\r") == (9, b"F", 7, 50)
-    assert parse_event(b"0|S|0") == (0, b"S", 0, None)
+    assert parse_event(b"1|S|0") == (1, b"S", 0, None)
+
+
+def test_parse_event_rejects_sequence_number_zero_as_no_valid_seq():
+    # Numbers start at 1: 0 can never be consumed, so it is not a valid SEQ.
+    with pytest.raises(MalformedLine) as caught:
+        parse_event(b"000|B")
+    assert caught.value.seq is None
 
 
 def test_parse_event_accepts_sequence_numbers_and_ids_of_any_size():

@@ -7,12 +7,15 @@ being served, and accepting resumes once descriptors are free again."""
 
 from __future__ import annotations
 
+import errno
+import os
 import random
 import resource
 import socket
 import threading
 import time
 
+import pytest
 from conftest import (
     WAIT,
     assert_nothing_more,
@@ -29,6 +32,8 @@ from fault_helpers import (
     tiny_receiver,
     wait_for_log,
 )
+
+import mbroker
 
 DIGITS = frozenset(b"0123456789")
 
@@ -329,3 +334,65 @@ def test_running_out_of_file_descriptors_pauses_accepting_without_spinning(
     assert process.process.poll() is None
     assert "Traceback" not in process.stderr_text()
     assert process.stop() == 0
+
+
+def test_event_source_is_accepted_even_when_clients_used_every_file_descriptor(
+        start_broker_process):
+    process = start_broker_process("--hello-timeout", "30")
+    pid = process.process.pid
+    keeper = connect_client(process.client_port, 5)
+    time.sleep(0.2)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (64, 64))
+    extras = []
+    try:
+        for _ in range(90):  # exhaust the broker's descriptors with idle clients
+            extras.append(socket.create_connection(("127.0.0.1", process.client_port),
+                                                   timeout=WAIT))
+        wait_for_log(process, r"cannot accept")
+        # The source still gets in at once, on the descriptor kept spare for it.
+        source = connect_source(process.event_port)
+        source.sendall(b"1|P|1|5\r\n")
+        assert receive_exactly(keeper, 9) == b"1|P|1|5\r\n"
+        assert "spare one for the event source" in process.stderr_text()
+    finally:
+        for sock in extras:
+            sock.close()
+    assert "Traceback" not in process.stderr_text()
+    assert process.stop() == 0
+
+
+class FailingListener:
+    """Stands in for a listening socket whose accept() fails with one errno."""
+
+    def __init__(self, error_number: int):
+        self.error_number = error_number
+        self.calls = 0
+
+    def accept(self):
+        self.calls += 1
+        if self.calls == 1:
+            raise OSError(self.error_number, os.strerror(self.error_number))
+        raise BlockingIOError
+
+    def getsockname(self):
+        return ("127.0.0.1", 1)
+
+    def fileno(self):
+        return -1
+
+
+@pytest.mark.parametrize("error_number", [errno.ECONNABORTED, errno.ENETDOWN, errno.EPERM])
+def test_an_accept_error_of_one_connection_is_skipped_not_fatal(error_number):
+    broker = mbroker.Broker(mbroker.BrokerConfig(event_port=0, client_port=0))
+    listener = FailingListener(error_number)
+    assert list(broker._accept_ready(listener)) == []
+    assert listener.calls == 2  # it went on to the next connection
+    assert broker.accept_errors == 0
+
+
+def test_an_unforeseen_accept_error_pauses_accepting_instead_of_crashing():
+    broker = mbroker.Broker(mbroker.BrokerConfig(event_port=0, client_port=0))
+    listener = FailingListener(errno.EINVAL)
+    assert list(broker._accept_ready(listener)) == []
+    assert broker.accept_errors == 1
+    assert listener in broker._accept_paused_until

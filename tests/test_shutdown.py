@@ -11,8 +11,8 @@ import subprocess
 import time
 
 import pytest
-from conftest import connect_client, connect_source, receive_exactly
-from fault_helpers import read_until_closed, send_until_blocked, wait_for_log
+from conftest import connect_client, connect_source, receive_exactly, wait_until
+from fault_helpers import read_until_closed, send_until_blocked, tiny_receiver, wait_for_log
 
 PAD = b"3" * 3900
 QUEUED_EVENTS = 2500  # ~10 MB for one client: more than the kernel takes, so the broker queues
@@ -144,3 +144,30 @@ def test_source_blocked_by_backpressure_is_released_by_shutdown(start_broker_pro
     wait_for_log(process, r"pausing the event source")
     process.process.send_signal(signal.SIGTERM)
     assert exit_code(process) == 0
+
+
+def test_stop_delivers_only_what_was_dispatched_not_the_paused_backlog(start_broker,
+                                                                       monkeypatch):
+    original_accept = socket.socket.accept
+
+    def accept_with_small_send_buffer(self):
+        sock, address = original_accept(self)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        return sock, address
+
+    monkeypatch.setattr(socket.socket, "accept", accept_with_small_send_buffer)
+    running = start_broker(max_buffered=50_000, dispatch_slice=4, read_size=1 << 20,
+                           drain_timeout=5.0, write_timeout=60.0)
+    client = tiny_receiver(running.client_port, 1, rcvbuf=4096)
+    wait_until(lambda: running.stats()["clients"] == 1)
+    pad = b"0" * 990
+    source = connect_source(running.event_port)
+    source.sendall(b"".join(b"%s%d|P|9|1\r\n" % (pad, seq) for seq in range(1, 257)))
+    wait_until(lambda: running.stats()["source"]["paused"])
+    dispatched = running.stats()["events_dispatched"]
+    assert dispatched < 256, "the test needs an undispatched backlog"
+    running.broker.request_stop()
+    closed, received = read_until_closed(client, timeout=10)
+    assert closed
+    assert received.count(b"\n") == dispatched
+    assert running.broker.exchange.dispatched == dispatched
