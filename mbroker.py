@@ -1916,6 +1916,8 @@ class LiveDashboard:
         self._replaced_handlers: list[tuple[logging.Logger, logging.Handler,
                                             logging.Handler]] = []
         self.frames_skipped = 0
+        self.frames = 0
+        self.seconds_drawing = 0.0  # CPU time spent on frames: what the view costs the loop
 
     def __call__(self, broker: Broker, now: float) -> None:
         width, height = self.console.size
@@ -1927,11 +1929,14 @@ class LiveDashboard:
             if self.terminal.pending:
                 self.frames_skipped += 1  # a stalled terminal must not stall delivery
                 return
+        started = time.process_time()
         snapshot = broker.stats(top_clients=min(height, DASHBOARD_MAX_CLIENT_ROWS))
         renderable = render_dashboard(snapshot, width=width, height=height)
         if not self.live.is_started:
             self.live.start()
         self.live.update(renderable, refresh=True)
+        self.frames += 1
+        self.seconds_drawing += time.process_time() - started
 
     def route_logging(self, logger: logging.Logger | None = None) -> None:
         """Send logger's handlers that write to a terminal through the live console.
@@ -1959,6 +1964,11 @@ class LiveDashboard:
             logger.removeHandler(replacement)
             logger.addHandler(original)
         self._replaced_handlers.clear()
+        if self.frames:
+            log.info("dashboard: %d frames drawn in %.2f s of CPU (%.1f ms each), "
+                     "%d skipped while the terminal was not reading", self.frames,
+                     self.seconds_drawing, 1000 * self.seconds_drawing / self.frames,
+                     self.frames_skipped)
 
 
 class NonBlockingTerminal:

@@ -43,6 +43,7 @@ BROKER = ROOT / "mbroker.py"
 MAZE = ROOT / "tools" / "maze.py"
 LISTENING = re.compile(r"listening events=([\d.]+):(\d+) clients=([\d.]+):(\d+)")
 SUCCESS_LINE = "\\o/ ALL NOTIFICATIONS RECEIVED \\o/"
+DRAWING = re.compile(r"dashboard: \d+ frames drawn in ([\d.]+) s of CPU")
 START_TIMEOUT = 15.0  # seconds for the broker's "listening" line
 STOP_TIMEOUT = 15.0  # seconds for the broker to exit on SIGINT (its drain is 5 s)
 
@@ -148,13 +149,22 @@ def run_once(dashboard: bool, arguments: argparse.Namespace, workdir: Path, inde
             raise RuntimeError(f"maze failed (exit {maze.returncode}):\n"
                                f"{maze.stdout[-2000:]}{maze.stderr[-2000:]}")
         report = json.loads(report_path.read_text())
+        broker_cpu_total = cpu_seconds(broker.pid)
     finally:
         if broker is not None:
             stop_broker(broker)
         terminal.close()
+    # The broker times its own frames and logs the total when it stops: the
+    # share of its CPU that drawing took, free of the machine's noise.
+    drawing = 0.0
+    for line in log_lines:
+        match = DRAWING.search(line)
+        if match:
+            drawing = float(match.group(1))
     return {"dashboard": dashboard, "events_per_second": report["events_per_second"],
             "seconds": report["seconds"], "broker_cpu_seconds": broker_cpu,
-            "terminal_bytes": terminal.bytes_read,
+            "terminal_bytes": terminal.bytes_read, "drawing_cpu_seconds": drawing,
+            "drawing_share": drawing / broker_cpu_total if broker_cpu_total else 0.0,
             "warnings": sum(" WARNING " in line for line in log_lines)}
 
 
@@ -187,6 +197,7 @@ def main() -> int:
                   f"{result['events_per_second']:>9,.0f} events/s  "
                   f"{result['seconds']:5.2f} s  broker cpu {result['broker_cpu_seconds']:5.2f} s  "
                   f"terminal {result['terminal_bytes']:>9,} B  "
+                  f"drawing {100 * result['drawing_share']:4.1f}% of broker CPU  "
                   f"({time.monotonic() - started:.0f} s wall)", flush=True)
 
     def median(dashboard: bool) -> float:
@@ -200,6 +211,9 @@ def main() -> int:
     without, with_ = median(False), median(True)
     ratio = with_ / without
     cpu_without, cpu_with = median_cpu(False), median_cpu(True)
+    shares = [r["drawing_share"] for r in results if r["dashboard"]]
+    print(f"drawing took {100 * statistics.median(shares):.1f}% of the broker's CPU "
+          f"(median over the runs with the dashboard)")
     print(f"median without dashboard: {without:,.0f} events/s  broker cpu {cpu_without:.2f} s")
     print(f"median with dashboard:    {with_:,.0f} events/s  broker cpu {cpu_with:.2f} s")
     print(f"ratio with/without: throughput {ratio:.3f} ({(ratio - 1) * 100:+.1f}%), "
