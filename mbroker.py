@@ -908,7 +908,6 @@ class Broker:
         self.running = False
         self.close_counts: dict[str, int] = {reason.value: 0 for reason in CloseReason}
         self.recently_closed: deque[dict] = deque(maxlen=RECENTLY_CLOSED)
-        self.slow_consumers = 0
         self.accept_errors = 0
         self.source_connections = 0
         self.bytes_out = 0
@@ -1343,9 +1342,6 @@ class Broker:
             self._maybe_resume_source()
 
     def _close_slow_consumer(self, connection: ClientConnection, reason: CloseReason) -> None:
-        if connection.closed:
-            return  # already cut off earlier in this same pass
-        self.slow_consumers += 1
         detail = (f"{len(connection.outbound)} bytes queued, limit "
                   f"{self.config.max_client_buffer}" if reason is CloseReason.SLOW_CONSUMER_BUFFER
                   else f"nothing written for {self.config.write_timeout:g} s with "
@@ -1451,9 +1447,9 @@ class Broker:
         connections = list(self.clients.values())
         if top_clients is not None and len(connections) > top_clients:
             connections = heapq.nlargest(top_clients, connections,
-                                         key=lambda c: len(c.outbound) + len(c.lines))
+                                         key=lambda c: len(c.outbound))
         else:
-            connections.sort(key=lambda c: len(c.outbound) + len(c.lines), reverse=True)
+            connections.sort(key=lambda c: len(c.outbound), reverse=True)
         source = self.source
         return {
             "uptime": now - self.started_at,
@@ -1488,7 +1484,8 @@ class Broker:
                 "duplicate": reorder.duplicates,
                 "late": reorder.late,
                 "skipped": reorder.skipped,
-                "slow_consumers": self.slow_consumers,
+                "slow_consumers": sum(count for reason, count in self.close_counts.items()
+                                      if CloseReason(reason).is_slow_consumer),
                 "follows_refused": exchange.follows_refused,
                 "accept_errors": self.accept_errors,
             },

@@ -56,6 +56,20 @@ def tiny_receiver(port: int, user_id: int, rcvbuf: int = 4096) -> socket.socket:
     return sock
 
 
+def give_accepted_sockets_small_send_buffers(monkeypatch, sndbuf: int = 4096) -> None:
+    """Make an in-process broker's accepted sockets take little from it, as
+    remote clients' would, so its own queues rather than loopback's large
+    kernel buffers absorb what a stalled client does not read."""
+    original_accept = socket.socket.accept
+
+    def accept_with_small_send_buffer(self):
+        sock, address = original_accept(self)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        return sock, address
+
+    monkeypatch.setattr(socket.socket, "accept", accept_with_small_send_buffer)
+
+
 def small_sender(port: int, sndbuf: int = 16384) -> socket.socket:
     """An event source with a small send buffer, so backpressure reaches it fast."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

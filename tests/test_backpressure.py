@@ -6,12 +6,17 @@ dropped, so clients that stalled and then read get every notification in order."
 from __future__ import annotations
 
 import re
-import socket
 import threading
 import time
 
 from conftest import wait_until
-from fault_helpers import Reader, send_until_blocked, small_sender, tiny_receiver
+from fault_helpers import (
+    Reader,
+    give_accepted_sockets_small_send_buffers,
+    send_until_blocked,
+    small_sender,
+    tiny_receiver,
+)
 
 USER = 7
 PAD = b"2" * 3900
@@ -84,14 +89,7 @@ def test_broadcast_fan_out_to_many_stalled_clients_stays_near_the_limit(start_br
                                                                          monkeypatch):
     # Small kernel send buffers (as for remote clients) so the broker's own
     # queues, not the kernel's, take the fan-out.
-    original_accept = socket.socket.accept
-
-    def accept_with_small_send_buffer(self):
-        sock, address = original_accept(self)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        return sock, address
-
-    monkeypatch.setattr(socket.socket, "accept", accept_with_small_send_buffer)
+    give_accepted_sockets_small_send_buffers(monkeypatch)
     limit = 1 << 20
     clients = 300
     line_length = 1000

@@ -761,3 +761,37 @@ def test_signal_right_after_the_listening_line_still_exits_0_without_traceback()
     failures = [(code, stderr.decode(errors="replace")[-400:]) for code, stderr in outcomes
                 if code != 0 or b"Traceback" in stderr]
     assert not failures, f"{len(failures)} of {len(outcomes)} runs: {failures[0]}"
+
+
+def test_by_default_both_ports_listen_on_loopback_only(broker):
+    # Whoever reaches the event port can publish to every user (SPEC §3).
+    assert broker.broker.event_listener.getsockname()[0] == "127.0.0.1"
+    assert broker.broker.client_listener.getsockname()[0] == "127.0.0.1"
+
+
+def test_log_level_warning_hides_info_lines_and_debug_shows_registrations():
+    def run(level: str, clients: int) -> str:
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "mbroker.py"), "--log-level", level, "0", "0"],
+            cwd=ROOT, stderr=subprocess.PIPE)
+        try:
+            if level == "DEBUG":  # the listening line says where to connect
+                ports = LISTENING.search(process.stderr.readline())
+                for user in range(1, clients + 1):
+                    sock = socket.create_connection(("127.0.0.1", int(ports.group(2))),
+                                                    timeout=WAIT)
+                    sock.sendall(b"%d\n" % user)
+                    time.sleep(0.2)
+                    sock.close()
+            else:
+                time.sleep(0.5)
+        finally:
+            process.send_signal(signal.SIGINT)
+            _, stderr = process.communicate(timeout=WAIT)
+        assert process.returncode == 0
+        return stderr.decode()
+
+    quiet = run("WARNING", 0)
+    assert " INFO " not in quiet and "listening" not in quiet
+    chatty = run("DEBUG", 1)
+    assert " DEBUG " in chatty and "(user 1) registered" in chatty

@@ -12,7 +12,13 @@ import time
 
 import pytest
 from conftest import connect_client, connect_source, receive_exactly, wait_until
-from fault_helpers import read_until_closed, send_until_blocked, tiny_receiver, wait_for_log
+from fault_helpers import (
+    give_accepted_sockets_small_send_buffers,
+    read_until_closed,
+    send_until_blocked,
+    tiny_receiver,
+    wait_for_log,
+)
 
 PAD = b"3" * 3900
 QUEUED_EVENTS = 2500  # ~10 MB for one client: more than the kernel takes, so the broker queues
@@ -148,14 +154,7 @@ def test_source_blocked_by_backpressure_is_released_by_shutdown(start_broker_pro
 
 def test_stop_delivers_only_what_was_dispatched_not_the_paused_backlog(start_broker,
                                                                        monkeypatch):
-    original_accept = socket.socket.accept
-
-    def accept_with_small_send_buffer(self):
-        sock, address = original_accept(self)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        return sock, address
-
-    monkeypatch.setattr(socket.socket, "accept", accept_with_small_send_buffer)
+    give_accepted_sockets_small_send_buffers(monkeypatch)
     running = start_broker(max_buffered=50_000, dispatch_slice=4, read_size=1 << 20,
                            drain_timeout=5.0, write_timeout=60.0)
     client = tiny_receiver(running.client_port, 1, rcvbuf=4096)
