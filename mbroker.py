@@ -409,7 +409,11 @@ class Subscriber:
 class Exchange:
     def __init__(self, max_follows: int = 10_000_000):
         self.max_follows = max_follows
-        self.followers: dict[int, set[int]] = {}  # followed user -> its followers
+        # The follow graph by follower, for every user; and, for status
+        # updates, an index of only the followers that are connected: a status
+        # update then costs its notifications, not a walk over every follower.
+        self.following: dict[int, set[int]] = {}  # follower -> the users it follows
+        self.watchers: dict[int, set[int]] = {}  # followed user -> connected followers
         self.follow_count = 0
         self.follows_refused = 0
         self.routes: dict[int, list] = {}  # user id -> its connected subscribers
@@ -422,8 +426,18 @@ class Exchange:
     # -- registration --------------------------------------------------------
 
     def subscribe(self, user_id: int, subscriber) -> None:
-        self.routes.setdefault(user_id, []).append(subscriber)
-        self.connected_users.add(user_id)
+        same_user = self.routes.get(user_id)
+        if same_user is None:
+            same_user = self.routes[user_id] = []
+            self.connected_users.add(user_id)
+            watchers = self.watchers
+            for followed in self.following.get(user_id, ()):
+                watching = watchers.get(followed)
+                if watching is None:
+                    watchers[followed] = {user_id}
+                else:
+                    watching.add(user_id)
+        same_user.append(subscriber)
         self.subscribers[subscriber] = None
 
     def unsubscribe(self, user_id: int, subscriber) -> None:
@@ -436,6 +450,12 @@ class Exchange:
             if not same_user:
                 del self.routes[user_id]
                 self.connected_users.discard(user_id)
+                watchers = self.watchers
+                for followed in self.following.get(user_id, ()):
+                    watching = watchers[followed]
+                    watching.discard(user_id)
+                    if not watching:
+                        del watchers[followed]
         self.touched.discard(subscriber)
 
     # -- events --------------------------------------------------------------
@@ -458,7 +478,8 @@ class Exchange:
         first. (The other types queue one line per connection of one user,
         which the caller's slice of lines already bounds.)
         """
-        followers_of = self.followers
+        following = self.following
+        watchers = self.watchers
         routes = self.routes
         connected_users = self.connected_users
         touch = self.touched.add
@@ -471,13 +492,19 @@ class Exchange:
         for kind, from_user, to_user, raw in remaining:
             if kind is FOLLOW or kind is PRIVATE:
                 if kind is FOLLOW:
-                    followers = followers_of.get(to_user)
-                    if followers is None or from_user not in followers:
+                    followed = following.get(from_user)
+                    if followed is None or to_user not in followed:
                         if self.follow_count < self.max_follows:
-                            if followers is None:
-                                followers = followers_of[to_user] = set()
-                            followers.add(from_user)
+                            if followed is None:
+                                followed = following[from_user] = set()
+                            followed.add(to_user)
                             self.follow_count += 1
+                            if from_user in connected_users:
+                                watching = watchers.get(to_user)
+                                if watching is None:
+                                    watchers[to_user] = {from_user}
+                                else:
+                                    watching.add(from_user)
                         else:
                             # Refused before any set is made: a refused follow
                             # must cost no memory, or the cap would mean nothing.
@@ -489,11 +516,10 @@ class Exchange:
                         touch(target)
                     delivered += len(targets)
             elif kind is STATUS:
-                followers = followers_of.get(from_user)
-                if followers:
+                watching = watchers.get(from_user)
+                if watching:
                     reached = delivered
-                    # A C-level intersection walks the smaller of the two sets.
-                    for follower in followers & connected_users:
+                    for follower in watching:
                         targets = routes[follower]
                         for target in targets:
                             target.lines.append(raw)
@@ -504,12 +530,17 @@ class Exchange:
                         held = list(remaining)
                         break
             elif kind is UNFOLLOW:
-                followers = followers_of.get(to_user)
-                if followers is not None and from_user in followers:
-                    followers.remove(from_user)
+                followed = following.get(from_user)
+                if followed is not None and to_user in followed:
+                    followed.remove(to_user)
                     self.follow_count -= 1
-                    if not followers:
-                        del followers_of[to_user]
+                    if not followed:
+                        del following[from_user]
+                    if from_user in connected_users:
+                        watching = watchers[to_user]
+                        watching.remove(from_user)
+                        if not watching:
+                            del watchers[to_user]
             elif kind is BROADCAST:
                 subscribers = self.subscribers
                 for target in subscribers:
@@ -543,7 +574,8 @@ class Exchange:
         return output
 
     def followers_of(self, user_id: int) -> set[int]:
-        return set(self.followers.get(user_id, ()))
+        """Every follower of user_id, connected or not (a full walk: for tests)."""
+        return {follower for follower, followed in self.following.items() if user_id in followed}
 
 
 class EventPipeline:
@@ -1473,7 +1505,7 @@ class Broker:
             "clients": len(exchange.subscribers),
             "connections": len(self.clients),
             "awaiting_hello": len(self.awaiting_hello),
-            "known_users": len(exchange.followers),
+            "known_users": len(exchange.following),
             "follows": exchange.follow_count,
             "bytes_queued": self.total_buffered,
             "rates": self._rates(),

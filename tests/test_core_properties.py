@@ -181,3 +181,66 @@ def test_resending_already_sent_events_changes_nothing_but_the_duplicate_count(s
     assert pipeline.reorder.duplicates == duplicates
     assert pipeline.reorder.skipped == 0
     assert pipeline.reorder.next_seq == len(events) + 1
+
+
+def oracle_with_membership(events: list[Event], windows) -> list[bytes]:
+    """What each subscription should get: windows holds (user, first_seq, end_seq),
+    the events it was connected for; the follow graph itself knows no windows."""
+    followers: dict[int, set[int]] = defaultdict(set)
+    out: list[list[bytes]] = [[] for _ in windows]
+    for event in sorted(events, key=lambda e: e.seq):
+        if event.kind == "F":
+            followers[event.to_user].add(event.from_user)
+        elif event.kind == "U":
+            followers[event.to_user].discard(event.from_user)
+        if event.kind in ("F", "P"):
+            concerned = {event.to_user}
+        elif event.kind == "S":
+            concerned = followers[event.from_user]
+        elif event.kind == "B":
+            concerned = None  # everyone connected
+        else:
+            continue
+        for index, (user, first_seq, end_seq) in enumerate(windows):
+            if first_seq <= event.seq < end_seq and (concerned is None or user in concerned):
+                out[index].append(event.raw)
+    return [b"".join(lines) for lines in out]
+
+
+@settings(max_examples=200, deadline=None)
+@given(scenarios(), st.randoms(use_true_random=True))
+def test_clients_that_connect_and_leave_mid_stream_get_exactly_the_events_dispatched_meanwhile(
+        scenario, rng):
+    # Users connect and disconnect between reads: each connection gets what the
+    # oracle computes for the sequence numbers dispatched while it was there,
+    # with the follows made before it connected (and while it was away) in force.
+    events, chunks, _, largest_batch, _ = scenario
+    users = max([event.from_user or 1 for event in events] + [1])
+    exchange = Exchange()
+    pipeline = EventPipeline(exchange, max_pending=largest_batch,
+                             problems=RateLimitedLog(logging.getLogger("test.properties")))
+    live: list[tuple[int, Subscriber, int]] = []  # (window index, subscriber, user)
+    windows: list[list[int]] = []  # [user, first_seq, end_seq]
+    received: list[bytes] = []
+
+    def collect():
+        for index, subscriber, _user in live:
+            received[index] += subscriber.take_bytes()
+
+    for chunk in [b"", *chunks]:
+        for _ in range(rng.randint(0, 2)):
+            if live and rng.random() < 0.4:
+                index, subscriber, user = live.pop(rng.randrange(len(live)))
+                exchange.unsubscribe(user, subscriber)
+                windows[index][2] = pipeline.reorder.next_seq
+            else:
+                user = rng.randint(1, users + 1)
+                subscriber = Subscriber(user)
+                exchange.subscribe(user, subscriber)
+                live.append((len(windows), subscriber, user))
+                windows.append([user, pipeline.reorder.next_seq, len(events) + 1])
+                received.append(b"")
+        pipeline.feed(chunk)
+        collect()
+    expected = oracle_with_membership(events, [tuple(window) for window in windows])
+    assert received == expected
