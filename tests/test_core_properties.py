@@ -137,10 +137,12 @@ def scenarios(draw, with_duplicates: bool = False):
     return events, chunks, subscriptions, largest_batch, duplicates
 
 
-def run_pipeline(chunks, subscriptions, max_pending):
+def run_pipeline(chunks, subscriptions, max_pending, slice_lines=None, slot_margin=None):
     exchange = Exchange()
     pipeline = EventPipeline(exchange, max_pending=max_pending,
                              problems=RateLimitedLog(logging.getLogger("test.properties")))
+    if slot_margin is not None:
+        pipeline.slot_margin = slot_margin
     subscribers = []
     for user in subscriptions:
         subscriber = Subscriber(user)
@@ -148,9 +150,13 @@ def run_pipeline(chunks, subscriptions, max_pending):
         subscribers.append(subscriber)
     received = {id(s): b"" for s in subscribers}
     for chunk in chunks:
-        pipeline.feed(chunk)
-        for subscriber in subscribers:  # collect as the transport would, per read
-            received[id(subscriber)] += subscriber.take_bytes()
+        pipeline.receive(chunk)
+        while True:
+            done = pipeline.run(slice_lines)
+            for subscriber in subscribers:  # collect as the transport would, per slice
+                received[id(subscriber)] += subscriber.take_bytes()
+            if done:
+                break
     return pipeline, [(s.user_id, received[id(s)]) for s in subscribers]
 
 
@@ -158,8 +164,15 @@ def run_pipeline(chunks, subscriptions, max_pending):
 @given(scenarios())
 def test_every_subscriber_receives_exactly_what_the_in_order_oracle_computes(scenario):
     events, chunks, subscriptions, largest_batch, _ = scenario
-    # A reorder buffer as large as the reorder window never has to skip.
+    # A reorder buffer as large as the reorder window never has to skip; the
+    # tight one goes event by event, the default one stores and releases a
+    # slice at a time.
     pipeline, received = run_pipeline(chunks, subscriptions, max_pending=largest_batch)
+    assert received == run_pipeline(chunks, subscriptions, max_pending=1_000_000)[1]
+    # Thin slices with no margin: early events overflow the slots into the dict.
+    for slice_lines in (1, 3):
+        assert received == run_pipeline(chunks, subscriptions, 1_000_000, slice_lines,
+                                        slot_margin=0)[1]
     expected = oracle(events, set(subscriptions))
     for user, data in received:
         assert data == expected[user], f"user {user}"
@@ -174,7 +187,8 @@ def test_every_subscriber_receives_exactly_what_the_in_order_oracle_computes(sce
 @given(scenarios(with_duplicates=True))
 def test_resending_already_sent_events_changes_nothing_but_the_duplicate_count(scenario):
     events, chunks, subscriptions, largest_batch, duplicates = scenario
-    pipeline, received = run_pipeline(chunks, subscriptions, max_pending=largest_batch)
+    pipeline, received = run_pipeline(chunks, subscriptions,
+                                      max_pending=max(largest_batch, 1_000 * duplicates))
     expected = oracle(events, set(subscriptions))
     for user, data in received:
         assert data == expected[user], f"user {user}"
@@ -217,7 +231,7 @@ def test_clients_that_connect_and_leave_mid_stream_get_exactly_the_events_dispat
     events, chunks, _, largest_batch, _ = scenario
     users = max([event.from_user or 1 for event in events] + [1])
     exchange = Exchange()
-    pipeline = EventPipeline(exchange, max_pending=largest_batch,
+    pipeline = EventPipeline(exchange, max_pending=rng.choice([largest_batch, 1_000_000]),
                              problems=RateLimitedLog(logging.getLogger("test.properties")))
     live: list[tuple[int, Subscriber, int]] = []  # (window index, subscriber, user)
     windows: list[list[int]] = []  # [user, first_seq, end_seq]

@@ -8,11 +8,6 @@ import logging
 import pytest
 
 from mbroker import (
-    BROADCAST,
-    FOLLOW,
-    PRIVATE,
-    STATUS,
-    UNFOLLOW,
     EventPipeline,
     Exchange,
     RateLimitedLog,
@@ -38,7 +33,7 @@ def received(subscribers) -> dict:
 def test_follow_notifies_only_the_followed_user_and_records_the_follower():
     exchange = Exchange()
     subs = subscribed(exchange, 60, 50, 7)
-    exchange.dispatch(FOLLOW, 60, 50, b"666|F|60|50\r")
+    exchange.dispatch(b"666|F|60|50\r")
     assert received(subs) == {60: b"", 50: b"666|F|60|50\r\n", 7: b""}
     assert exchange.followers_of(50) == {60}
     assert exchange.follow_count == 1
@@ -47,9 +42,9 @@ def test_follow_notifies_only_the_followed_user_and_records_the_follower():
 def test_unfollow_notifies_nobody_and_removes_the_follower():
     exchange = Exchange()
     subs = subscribed(exchange, 12, 9)
-    exchange.dispatch(FOLLOW, 12, 9, b"1|F|12|9")
+    exchange.dispatch(b"1|F|12|9")
     subs[9].take_bytes()
-    exchange.dispatch(UNFOLLOW, 12, 9, b"2|U|12|9")
+    exchange.dispatch(b"2|U|12|9")
     assert received(subs) == {12: b"", 9: b""}
     assert exchange.followers_of(9) == set()
     assert exchange.follow_count == 0
@@ -58,7 +53,7 @@ def test_unfollow_notifies_nobody_and_removes_the_follower():
 def test_broadcast_reaches_every_registered_subscriber():
     exchange = Exchange()
     subs = subscribed(exchange, 1, 2, 3)
-    exchange.dispatch(BROADCAST, None, None, b"542532|B\r")
+    exchange.dispatch(b"542532|B\r")
     assert received(subs) == dict.fromkeys((1, 2, 3), b"542532|B\r\n")
     assert exchange.notifications == 3
 
@@ -66,28 +61,28 @@ def test_broadcast_reaches_every_registered_subscriber():
 def test_private_message_reaches_only_its_recipient():
     exchange = Exchange()
     subs = subscribed(exchange, 32, 56, 1)
-    exchange.dispatch(PRIVATE, 32, 56, b"43|P|32|56")
+    exchange.dispatch(b"43|P|32|56")
     assert received(subs) == {32: b"", 56: b"43|P|32|56\n", 1: b""}
 
 
 def test_status_update_reaches_every_current_follower_and_not_the_author():
     exchange = Exchange()
     subs = subscribed(exchange, 32, 1, 2, 3)
-    exchange.dispatch(FOLLOW, 1, 32, b"1|F|1|32")
-    exchange.dispatch(FOLLOW, 2, 32, b"2|F|2|32")
+    exchange.dispatch(b"1|F|1|32")
+    exchange.dispatch(b"2|F|2|32")
     received(subs)
-    exchange.dispatch(STATUS, 32, None, b"634|S|32")
+    exchange.dispatch(b"634|S|32")
     assert received(subs) == {32: b"", 1: b"634|S|32\n", 2: b"634|S|32\n", 3: b""}
 
 
 def test_status_update_reaches_only_followers_current_at_its_sequence_number():
     exchange = Exchange()
     subs = subscribed(exchange, 5, 1, 2)
-    exchange.dispatch(FOLLOW, 1, 5, b"1|F|1|5")
-    exchange.dispatch(STATUS, 5, None, b"2|S|5")
-    exchange.dispatch(FOLLOW, 2, 5, b"3|F|2|5")
-    exchange.dispatch(UNFOLLOW, 1, 5, b"4|U|1|5")
-    exchange.dispatch(STATUS, 5, None, b"5|S|5")
+    exchange.dispatch(b"1|F|1|5")
+    exchange.dispatch(b"2|S|5")
+    exchange.dispatch(b"3|F|2|5")
+    exchange.dispatch(b"4|U|1|5")
+    exchange.dispatch(b"5|S|5")
     got = received(subs)
     assert got[1] == b"2|S|5\n"
     assert got[2] == b"5|S|5\n"
@@ -97,13 +92,13 @@ def test_status_update_with_many_connected_users_and_few_followers_reaches_only_
     # Exercises the "walk the smaller side" choice in both directions.
     exchange = Exchange()
     subs = subscribed(exchange, *range(100))
-    exchange.dispatch(FOLLOW, 3, 0, b"1|F|3|0")
+    exchange.dispatch(b"1|F|3|0")
     for follower in range(200, 400):  # many followers, few of them connected
-        exchange.dispatch(FOLLOW, follower, 1, b"x|F")
-    exchange.dispatch(FOLLOW, 4, 1, b"x|F")
+        exchange.dispatch(b"9|F|%d|1" % follower)
+    exchange.dispatch(b"9|F|4|1")
     received(subs)
-    exchange.dispatch(STATUS, 0, None, b"2|S|0")
-    exchange.dispatch(STATUS, 1, None, b"3|S|1")
+    exchange.dispatch(b"2|S|0")
+    exchange.dispatch(b"3|S|1")
     got = received(subs)
     assert {user for user, data in got.items() if data} == {3, 4}
     assert got[3] == b"2|S|0\n"
@@ -112,42 +107,42 @@ def test_status_update_with_many_connected_users_and_few_followers_reaches_only_
 
 def test_follow_state_is_kept_for_users_without_a_connection():
     exchange = Exchange()
-    exchange.dispatch(FOLLOW, 8, 9, b"1|F|8|9")  # neither 8 nor 9 connected
+    exchange.dispatch(b"1|F|8|9")  # neither 8 nor 9 connected
     subs = subscribed(exchange, 8)
-    exchange.dispatch(STATUS, 9, None, b"2|S|9")
+    exchange.dispatch(b"2|S|9")
     assert received(subs) == {8: b"2|S|9\n"}
 
 
 def test_notification_for_unconnected_user_is_dropped_silently():
     exchange = Exchange()
     subs = subscribed(exchange, 1)
-    exchange.dispatch(PRIVATE, 1, 99, b"1|P|1|99")
-    exchange.dispatch(FOLLOW, 1, 99, b"2|F|1|99")
-    exchange.dispatch(STATUS, 99, None, b"3|S|99")  # 1 follows 99 and is connected
+    exchange.dispatch(b"1|P|1|99")
+    exchange.dispatch(b"2|F|1|99")
+    exchange.dispatch(b"3|S|99")  # 1 follows 99 and is connected
     assert received(subs) == {1: b"3|S|99\n"}
 
 
 def test_following_twice_is_one_follow_but_both_events_are_delivered():
     exchange = Exchange()
     subs = subscribed(exchange, 1, 2)
-    exchange.dispatch(FOLLOW, 1, 2, b"1|F|1|2")
-    exchange.dispatch(FOLLOW, 1, 2, b"2|F|1|2")
+    exchange.dispatch(b"1|F|1|2")
+    exchange.dispatch(b"2|F|1|2")
     assert received(subs) == {1: b"", 2: b"1|F|1|2\n2|F|1|2\n"}
     assert exchange.follow_count == 1
-    exchange.dispatch(UNFOLLOW, 1, 2, b"3|U|1|2")  # one unfollow undoes both
-    exchange.dispatch(STATUS, 2, None, b"4|S|2")
+    exchange.dispatch(b"3|U|1|2")  # one unfollow undoes both
+    exchange.dispatch(b"4|S|2")
     assert received(subs) == {1: b"", 2: b""}
 
 
 def test_unfollow_of_a_non_follower_does_nothing():
     exchange = Exchange()
     subs = subscribed(exchange, 1, 2, 3)
-    exchange.dispatch(FOLLOW, 1, 3, b"1|F|1|3")
-    exchange.dispatch(UNFOLLOW, 2, 3, b"2|U|2|3")  # 2 never followed 3
-    exchange.dispatch(UNFOLLOW, 2, 77, b"3|U|2|77")  # 77 has no followers at all
+    exchange.dispatch(b"1|F|1|3")
+    exchange.dispatch(b"2|U|2|3")  # 2 never followed 3
+    exchange.dispatch(b"3|U|2|77")  # 77 has no followers at all
     assert exchange.follow_count == 1
     received(subs)
-    exchange.dispatch(STATUS, 3, None, b"4|S|3")
+    exchange.dispatch(b"4|S|3")
     assert received(subs) == {1: b"4|S|3\n", 2: b"", 3: b""}
 
 
@@ -156,11 +151,11 @@ def test_several_subscribers_for_one_user_each_receive_every_notification():
     phone, laptop, other = Subscriber(5), Subscriber(5), Subscriber(6)
     for sub in (phone, laptop, other):
         exchange.subscribe(sub.user_id, sub)
-    exchange.dispatch(FOLLOW, 6, 5, b"1|F|6|5")
-    exchange.dispatch(PRIVATE, 6, 5, b"2|P|6|5")
-    exchange.dispatch(FOLLOW, 5, 6, b"3|F|5|6")
-    exchange.dispatch(STATUS, 6, None, b"4|S|6")
-    exchange.dispatch(BROADCAST, None, None, b"5|B")
+    exchange.dispatch(b"1|F|6|5")
+    exchange.dispatch(b"2|P|6|5")
+    exchange.dispatch(b"3|F|5|6")
+    exchange.dispatch(b"4|S|6")
+    exchange.dispatch(b"5|B")
     expected = b"1|F|6|5\n2|P|6|5\n4|S|6\n5|B\n"
     assert phone.take_bytes() == expected
     assert laptop.take_bytes() == expected
@@ -173,17 +168,17 @@ def test_unsubscribed_subscriber_receives_nothing_more_and_others_keep_receiving
     phone, laptop = Subscriber(5), Subscriber(5)
     exchange.subscribe(5, phone)
     exchange.subscribe(5, laptop)
-    exchange.dispatch(PRIVATE, 1, 5, b"1|P|1|5")
+    exchange.dispatch(b"1|P|1|5")
     exchange.unsubscribe(5, phone)
     assert phone not in exchange.touched
-    exchange.dispatch(PRIVATE, 1, 5, b"2|P|1|5")
-    exchange.dispatch(BROADCAST, None, None, b"3|B")
+    exchange.dispatch(b"2|P|1|5")
+    exchange.dispatch(b"3|B")
     assert phone.take_bytes() == b"1|P|1|5\n"
     assert laptop.take_bytes() == b"1|P|1|5\n2|P|1|5\n3|B\n"
     exchange.unsubscribe(5, laptop)
     assert 5 not in exchange.routes
     exchange.unsubscribe(5, laptop)  # twice is harmless
-    exchange.dispatch(BROADCAST, None, None, b"4|B")
+    exchange.dispatch(b"4|B")
     assert laptop.take_bytes() == b""
 
 
@@ -191,36 +186,36 @@ def test_unsubscribed_user_keeps_its_follow_state():
     exchange = Exchange()
     sub = Subscriber(1)
     exchange.subscribe(1, sub)
-    exchange.dispatch(FOLLOW, 1, 2, b"1|F|1|2")
+    exchange.dispatch(b"1|F|1|2")
     exchange.unsubscribe(1, sub)
     again = Subscriber(1)
     exchange.subscribe(1, again)
-    exchange.dispatch(STATUS, 2, None, b"2|S|2")
+    exchange.dispatch(b"2|S|2")
     assert again.take_bytes() == b"2|S|2\n"
 
 
 def test_touched_records_exactly_the_subscribers_with_new_lines():
     exchange = Exchange()
     subs = subscribed(exchange, 1, 2, 3)
-    exchange.dispatch(PRIVATE, 1, 2, b"1|P|1|2")
+    exchange.dispatch(b"1|P|1|2")
     assert exchange.touched == {subs[2]}
 
 
 def test_follows_past_max_follows_are_refused_and_counted_but_still_delivered():
     exchange = Exchange(max_follows=2)
     subs = subscribed(exchange, 1, 2, 3, 9)
-    exchange.dispatch(FOLLOW, 1, 9, b"1|F|1|9")
-    exchange.dispatch(FOLLOW, 2, 9, b"2|F|2|9")
-    exchange.dispatch(FOLLOW, 3, 9, b"3|F|3|9")  # refused
-    exchange.dispatch(FOLLOW, 1, 9, b"4|F|1|9")  # already following: not a refusal
+    exchange.dispatch(b"1|F|1|9")
+    exchange.dispatch(b"2|F|2|9")
+    exchange.dispatch(b"3|F|3|9")  # refused
+    exchange.dispatch(b"4|F|1|9")  # already following: not a refusal
     assert exchange.follows_refused == 1
     assert exchange.follow_count == 2
     assert subs[9].take_bytes() == b"1|F|1|9\n2|F|2|9\n3|F|3|9\n4|F|1|9\n"
     received(subs)
-    exchange.dispatch(STATUS, 9, None, b"5|S|9")
+    exchange.dispatch(b"5|S|9")
     assert received(subs) == {1: b"5|S|9\n", 2: b"5|S|9\n", 3: b"", 9: b""}
-    exchange.dispatch(UNFOLLOW, 1, 9, b"6|U|1|9")  # frees room for a new follow
-    exchange.dispatch(FOLLOW, 3, 9, b"7|F|3|9")
+    exchange.dispatch(b"6|U|1|9")  # frees room for a new follow
+    exchange.dispatch(b"7|F|3|9")
     assert exchange.follows_refused == 1
     assert exchange.followers_of(9) == {2, 3}
 
