@@ -736,13 +736,13 @@ class EventPipeline:
         reorder = self.reorder
         pending = reorder.pending
         span = 2 * (end - start) + self.slot_margin
-        if reorder._lowest_heap is not None or len(pending) > span or \
+        if reorder._lowest_heap is not None or len(pending) > 4 * span or \
                 (len(pending) + end - start) * 4 >= reorder.max_pending:
             self._run_strict(lines, start, end)
             return
         base = reorder.next_seq
         slots: list = [None] * span
-        if pending:  # what earlier slices left waiting, nearly always a handful
+        if pending:  # what earlier slices left waiting: a few, or a wide batch's worth
             for seq in [seq for seq in pending if seq < base + span]:
                 slots[seq - base] = pending.pop(seq)
         field_counts = WIRE_FIELD_COUNTS
