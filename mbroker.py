@@ -206,26 +206,6 @@ def parse_event(line: bytes) -> tuple[int, bytes, int | None, int | None]:
     return seq, kind, from_user, _parse_number(parts[3], "TO", seq)
 
 
-class UserIds(dict):
-    """A user id field's bytes -> its int, a cache in front of int().
-
-    int() on bytes costs several times a dict lookup, and a stream names the
-    same users over and over. The field may be b"007" or carry a trailing
-    b"\\r"; int() maps each spelling to the same number. Bounded: when full
-    it starts over, so a stream of ever-new ids costs memory only up to LIMIT.
-    """
-
-    __slots__ = ()
-    LIMIT = 16_384
-
-    def __missing__(self, field: bytes) -> int:
-        value = int(field)
-        if len(self) >= self.LIMIT:
-            self.clear()
-        self[field] = value
-        return value
-
-
 def parse_user_id(line: bytes) -> int:
     """A client's hello line (no b"\\n") to its user id; ValueError if invalid."""
     if len(line) > MAX_HELLO_LINE:
@@ -449,7 +429,6 @@ class Exchange:
         self.touched: set = set()  # subscribers with lines since the last flush
         self.notifications = 0
         self.dispatched = 0
-        self.user_ids = UserIds()
 
     # -- registration --------------------------------------------------------
 
@@ -496,11 +475,10 @@ class Exchange:
         """Apply in-order events, each a well-formed line split at b"|".
 
         The line is kept split rather than parsed into a tuple: most events
-        reach nobody, so a user id is looked up only when the type needs it
-        (through user_ids, a cache in front of int()) and the line is joined
-        back only when somebody is notified. A line's last field may carry the
-        b"\\r" of its terminator: int() ignores it, and the joined line is the
-        exact line the source sent. NO_OP stands for a consumed malformed SEQ.
+        reach nobody, so a user id is parsed only when the type needs it and
+        the line is joined back only when somebody is notified. A line's last
+        field may carry the b"\\r" of its terminator: int() ignores it, and the
+        joined line is the exact line the source sent. NO_OP stands for a consumed malformed SEQ.
         The pipeline hands over a whole slice at once, so this loop, not a
         call per event, is the hot path.
 
@@ -514,7 +492,6 @@ class Exchange:
         watchers = self.watchers
         routes = self.routes
         connected_users = self.connected_users
-        user_id = self.user_ids
         touch = self.touched.add
         delivered = 0
         fanout_bytes = 0
@@ -525,8 +502,8 @@ class Exchange:
         for split_line in remaining:
             kind = split_line[1]
             if kind == FOLLOW:
-                from_user = user_id[split_line[2]]
-                to_user = user_id[split_line[3]]
+                from_user = int(split_line[2])
+                to_user = int(split_line[3])
                 followed = following.get(from_user)
                 if followed is None or to_user not in followed:
                     if self.follow_count < self.max_follows:
@@ -552,7 +529,7 @@ class Exchange:
                         touch(target)
                     delivered += len(targets)
             elif kind == PRIVATE:
-                targets = routes.get(user_id[split_line[3]])
+                targets = routes.get(int(split_line[3]))
                 if targets is not None:
                     raw = b"|".join(split_line)
                     for target in targets:
@@ -560,7 +537,7 @@ class Exchange:
                         touch(target)
                     delivered += len(targets)
             elif kind == STATUS:
-                watching = watchers.get(user_id[split_line[2]])
+                watching = watchers.get(int(split_line[2]))
                 if watching:
                     reached = delivered
                     raw = b"|".join(split_line)
@@ -575,10 +552,10 @@ class Exchange:
                         held = list(remaining)
                         break
             elif kind == UNFOLLOW:
-                from_user = user_id[split_line[2]]
+                from_user = int(split_line[2])
                 followed = following.get(from_user)
                 if followed is not None:
-                    to_user = user_id[split_line[3]]
+                    to_user = int(split_line[3])
                     if to_user in followed:
                         followed.remove(to_user)
                         self.follow_count -= 1
