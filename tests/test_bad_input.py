@@ -86,6 +86,23 @@ def test_malformed_line_with_valid_seq_is_consumed_as_a_noop_and_the_stream_goes
     assert stats["reorder_depth"] == 0
 
 
+def test_a_type_letter_in_a_number_is_malformed_even_where_every_byte_could_be_valid(
+        start_broker):
+    # Made only of bytes a well-formed stream has too (digits, "|", type
+    # letters, "\r\n"), so these lines reach the broker's fast path together.
+    running = start_broker()
+    user5 = connect_client(running.client_port, 5, wait_registered=running)
+    source = connect_source(running.event_port)
+    bad = [b"1|F|F|5", b"3|P|2|5F", b"5|S|B", b"7|P|S|5", b"9|U|5|P"]
+    good = [b"%d|P|7|5" % (seq + 1) for seq in (1, 3, 5, 7, 9)]
+    source.sendall(b"".join(line + b"\r\n" for pair in zip(bad, good, strict=True)
+                            for line in pair))
+    expected = b"".join(line + b"\r\n" for line in good)
+    assert receive_exactly(user5, len(expected)) == expected
+    assert_nothing_more(user5)
+    assert running.stats()["counters"]["malformed"] == len(bad)
+
+
 def test_malformed_line_arriving_out_of_order_fills_its_gap(start_broker):
     running = start_broker()
     user5 = connect_client(running.client_port, 5, wait_registered=running)

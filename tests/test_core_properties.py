@@ -16,8 +16,10 @@ from mbroker import EventPipeline, Exchange, RateLimitedLog, Subscriber
 KINDS = ("F", "U", "B", "P", "S")
 # Malformed lines with a valid SEQ. "Q": unknown type; "SB": a type made of
 # event letters; "B|": "SEQ|B||TO", four fields for a B; "P ": "SEQ|P|FROM| TO",
-# "S+": "SEQ|S|+FROM" (int() would accept both; the spec does not).
-MALFORMED_KINDS = ("Q", "SB", "B|", "P ", "S+")
+# "S+": "SEQ|S|+FROM" (int() would accept both; the spec does not); "PF":
+# "SEQ|P|FROM|F<TO>" and "SB+": "SEQ|S|B<FROM>", a type letter in a user id
+# (bytes a well-formed stream has too).
+MALFORMED_KINDS = ("Q", "SB", "B|", "P ", "S+", "PF", "SB+")
 
 
 @dataclass(frozen=True)
@@ -50,15 +52,15 @@ def event_streams(draw):
     for seq, (kind, a, b, (seq_zeros, a_zeros, b_zeros), terminator) in enumerate(drawn, 1):
         from_user = to_user = None
         fields = [number(seq, seq_zeros), kind]
-        if kind in ("F", "U", "P", "S", "SB", "P ", "S+"):
+        if kind in ("F", "U", "P", "S", "SB", "P ", "S+", "PF", "SB+"):
             from_user = a
             fields.append(number(a, a_zeros))
-        if kind in ("F", "U", "P", "Q", "B|", "P "):
+        if kind in ("F", "U", "P", "Q", "B|", "P ", "PF"):
             to_user = b
             fields.append(number(b, b_zeros))
-        if kind in ("P ", "S+"):  # the type is fine; the last number is not
+        if kind in ("P ", "S+", "PF", "SB+"):  # the type is fine; the last number is not
             fields[1] = kind[0]
-            fields[-1] = {"P ": " ", "S+": "+"}[kind] + fields[-1]
+            fields[-1] = {"P ": " ", "S+": "+", "PF": "F", "SB+": "B"}[kind] + fields[-1]
         raw = "|".join(fields).encode() + terminator
         events.append(Event(seq, kind, from_user, to_user, raw))
     return events, users
