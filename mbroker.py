@@ -71,10 +71,13 @@ class BrokerConfig:
     max_buffered: int = 256 * MIB
     drain_timeout: float = 5.0
     max_follows: int = 10_000_000
-    # How much the source socket is read per wake-up, and how many lines are
-    # dispatched before output is flushed and the limits are checked again.
+    # How much the source socket is read per wake-up; how many lines the core
+    # takes at a time (a slice's objects should stay in the CPU's cache); and
+    # how many lines are dispatched before output is flushed, one send per
+    # client, and the limits are checked again.
     read_size: int = 256 * 1024
-    dispatch_slice: int = 4096
+    dispatch_slice: int = 1024
+    flush_lines: int = 4096
 
 
 # ============================================================================
@@ -436,6 +439,7 @@ class Exchange:
         self.touched: set = set()  # subscribers with lines since the last flush
         self.notifications = 0
         self.dispatched = 0
+        self.queued_fanout = 0  # bytes broadcasts and status updates queued since take_output
 
     # -- registration --------------------------------------------------------
 
@@ -489,11 +493,12 @@ class Exchange:
         The pipeline hands over a whole slice at once, so this loop, not a
         call per event, is the hot path.
 
-        budget bounds the bytes that broadcasts and status updates queue in
-        one call: once they pass it, the rest of the events are returned, not
-        applied, so the caller can send what is queued and check its limits
-        first. (The other types queue one line per connection of one user,
-        which the caller's slice of lines already bounds.)
+        budget bounds the bytes that broadcasts and status updates queue
+        between two take_output() calls: once they pass it, the rest of the
+        events are returned, not applied, so the caller can send what is
+        queued and check its limits first. (The other types queue one line per
+        connection of one user, which the caller's lines between flushes
+        already bound.)
         """
         following = self.following
         watchers = self.watchers
@@ -501,7 +506,7 @@ class Exchange:
         connected_users = self.connected_users
         touch = self.touched.add
         delivered = 0
-        fanout_bytes = 0
+        fanout_bytes = self.queued_fanout
         if budget is None:
             budget = sys.maxsize
         held: list = []
@@ -586,6 +591,7 @@ class Exchange:
                     break
         self.notifications += delivered
         self.dispatched += len(events) - len(held)
+        self.queued_fanout = fanout_bytes
         return held
 
     def take_output(self) -> list[tuple[object, bytes, int]]:
@@ -593,6 +599,7 @@ class Exchange:
         the last call: its new lines joined into one buffer, each line with
         the b"\n" the splitter took off, so it can leave in one send."""
         touched = self.touched
+        self.queued_fanout = 0
         if not touched:
             return []
         self.touched = set()
@@ -643,6 +650,11 @@ class EventPipeline:
     @property
     def overlong(self) -> int:
         return self.splitter.overlong
+
+    @property
+    def holding(self) -> bool:
+        """Events are held back because the fan-out budget is spent: flush first."""
+        return bool(self._held)
 
     @property
     def backlog(self) -> int:
@@ -1261,10 +1273,16 @@ class Broker:
         self._dispatch_backlog()
 
     def _dispatch_backlog(self) -> None:
-        """Dispatch in slices, flushing between them, until done or paused."""
+        """Dispatch in slices, flushing every flush_lines, until done or paused."""
         pipeline = self.pipeline
         slice_size = self.config.dispatch_slice
+        flush_lines = self.config.flush_lines
+        unflushed = 0
         while not pipeline.run(slice_size):
+            unflushed += slice_size
+            if unflushed < flush_lines and not pipeline.holding:
+                continue
+            unflushed = 0
             self._flush()
             if self.total_buffered > self.config.max_buffered:
                 self._pause_source()

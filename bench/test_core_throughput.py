@@ -4,8 +4,9 @@ A seeded workload from tools/maze.py's generator is built before the clock start
 round then feeds the event stream to a fresh EventPipeline + Exchange with one in-memory
 mbroker.Subscriber per connected user, the way the reactor does it: the stream arrives
 in pieces of the reactor's read size, is dispatched in slices of its dispatch_slice
-lines, and after every slice each touched subscriber's lines are "flushed" (joined with
-b"\\n" plus a trailing b"\\n", and cleared). The flushed bytes of the last round are
+lines, and every flush_lines lines (or sooner, when the fan-out budget is spent) each
+touched subscriber's lines are "flushed" (joined with b"\\n" plus a trailing b"\\n",
+and cleared). The flushed bytes of the last round are
 compared with the generator's expected bytes for every user.
 """
 
@@ -53,6 +54,7 @@ class CoreRound:
         self.pipeline = mbroker.EventPipeline(self.exchange, config.max_line,
                                               config.max_pending)
         self.dispatch_slice = config.dispatch_slice
+        self.flush_lines = config.flush_lines
         # What each user was "sent", one bytes object per flush.
         self.sent: dict[int, list[bytes]] = {user: [] for user in connected_users}
         for user in connected_users:
@@ -60,15 +62,20 @@ class CoreRound:
         self.seconds = 0.0
 
     def run(self, pieces: list[bytes]) -> CoreRound:
-        """The measured work: every piece through the pipeline, flushing after each slice."""
+        """The measured work: every piece through the pipeline, flushing as the reactor does."""
         started = time.perf_counter()
         pipeline = self.pipeline
         dispatch_slice = self.dispatch_slice
+        flush_lines = self.flush_lines
         flush = self._flush
         for piece in pieces:
             pipeline.receive(piece)
+            unflushed = 0
             while not pipeline.run(dispatch_slice):
-                flush()
+                unflushed += dispatch_slice
+                if unflushed >= flush_lines or pipeline.holding:
+                    unflushed = 0
+                    flush()
             flush()
         self.seconds = time.perf_counter() - started
         return self

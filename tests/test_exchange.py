@@ -354,3 +354,18 @@ def test_duplicates_are_counted_whether_delivered_or_waiting():
     got = collected.feed(b"1|B\r\n3|B\r\n")
     assert got == {1: b""}
     assert collected.pipeline.reorder.duplicates == 2
+
+
+def test_fanout_budget_counts_what_was_queued_since_the_last_take_output():
+    # The reactor runs several slices between flushes, so the budget must
+    # span them: the second call holds back once the two together pass it.
+    exchange = Exchange()
+    subs = subscribed(exchange, 1, 2)
+    line_bytes = len(b"1|B")
+    held = exchange.apply([b"1|B".split(b"|"), b"2|B".split(b"|")], budget=5 * line_bytes)
+    assert held == []  # 4 lines queued so far
+    held = exchange.apply([b"3|B".split(b"|"), b"4|B".split(b"|")], budget=5 * line_bytes)
+    assert [b"|".join(event) for event in held] == [b"4|B"]  # 6 lines: past the budget
+    assert received(subs) == {1: b"1|B\n2|B\n3|B\n", 2: b"1|B\n2|B\n3|B\n"}
+    exchange.take_output()  # a flush starts the count again
+    assert exchange.apply(held, budget=5 * line_bytes) == []

@@ -155,8 +155,8 @@ def test_source_blocked_by_backpressure_is_released_by_shutdown(start_broker_pro
 def test_stop_delivers_only_what_was_dispatched_not_the_paused_backlog(start_broker,
                                                                        monkeypatch):
     give_accepted_sockets_small_send_buffers(monkeypatch)
-    running = start_broker(max_buffered=50_000, dispatch_slice=4, read_size=1 << 20,
-                           drain_timeout=5.0, write_timeout=60.0)
+    running = start_broker(max_buffered=50_000, dispatch_slice=4, flush_lines=4,
+                           read_size=1 << 20, drain_timeout=5.0, write_timeout=60.0)
     client = tiny_receiver(running.client_port, 1, rcvbuf=4096)
     wait_until(lambda: running.stats()["clients"] == 1)
     pad = b"0" * 990
