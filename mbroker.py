@@ -946,10 +946,11 @@ def open_listener(host: str, port: int, backlog: int = 1024) -> socket.socket:
 # Reactor
 #
 # Rules: one thread drives everything. A wake-up reads what is ready,
-# dispatches in slices, flushes every touched client once per slice, and
-# checks the limits; timers (hello and write timeouts, accept retry, the
-# dashboard) run from the same loop and bound the select timeout. State is
-# only ever changed here, so nothing needs a lock.
+# dispatches in slices, flushes every touched client once per flush_lines
+# lines (sooner when the fan-out budget is spent), and checks the limits;
+# timers (hello and write timeouts, accept retry, the dashboard) run from the
+# same loop and bound the select timeout. State is only ever changed here, so
+# nothing needs a lock.
 # ============================================================================
 
 ACCEPT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
