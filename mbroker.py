@@ -99,6 +99,7 @@ KIND_FIELDS = {kind: kind for kind in FIELD_COUNTS}
 # broadcast's type field (its last) may still carry it.
 BROADCAST_FIELDS = {BROADCAST, BROADCAST + b"\r"}
 WIRE_FIELD_COUNTS = {**FIELD_COUNTS, BROADCAST + b"\r": 2}
+TARGETED_KINDS = {FOLLOW, PRIVATE}  # the types that notify TO alone
 # Bytes a well-formed chunk of events consists of, except b"\r". When a chunk
 # holds nothing else, every b"\r" sits right before a b"\n", no field is
 # empty and each line has at most one type letter, a line whose type field
@@ -448,13 +449,8 @@ class Exchange:
         if same_user is None:
             same_user = self.routes[user_id] = []
             self.connected_users.add(user_id)
-            watchers = self.watchers
             for followed in self.following.get(user_id, ()):
-                watching = watchers.get(followed)
-                if watching is None:
-                    watchers[followed] = {user_id}
-                else:
-                    watching.add(user_id)
+                self._watch(followed, user_id)
         same_user.append(subscriber)
         self.subscribers[subscriber] = None
 
@@ -468,13 +464,25 @@ class Exchange:
             if not same_user:
                 del self.routes[user_id]
                 self.connected_users.discard(user_id)
-                watchers = self.watchers
                 for followed in self.following.get(user_id, ()):
-                    watching = watchers[followed]
-                    watching.discard(user_id)
-                    if not watching:
-                        del watchers[followed]
+                    self._unwatch(followed, user_id)
         self.touched.discard(subscriber)
+
+    # The index of connected followers changes only when a connected user
+    # follows or unfollows, or when a user's first connection arrives or its
+    # last one leaves; these two keep it free of empty sets.
+    def _watch(self, followed: int, follower: int) -> None:
+        watching = self.watchers.get(followed)
+        if watching is None:
+            self.watchers[followed] = {follower}
+        else:
+            watching.add(follower)
+
+    def _unwatch(self, followed: int, follower: int) -> None:
+        watching = self.watchers[followed]
+        watching.remove(follower)
+        if not watching:
+            del self.watchers[followed]
 
     # -- events --------------------------------------------------------------
 
@@ -513,35 +521,24 @@ class Exchange:
         remaining = iter(events)
         for split_line in remaining:
             kind = split_line[1]
-            if kind == FOLLOW:
-                from_user = int(split_line[2])
+            if kind in TARGETED_KINDS:
                 to_user = int(split_line[3])
-                followed = following.get(from_user)
-                if followed is None or to_user not in followed:
-                    if self.follow_count < self.max_follows:
-                        if followed is None:
-                            followed = following[from_user] = set()
-                        followed.add(to_user)
-                        self.follow_count += 1
-                        if from_user in connected_users:
-                            watching = watchers.get(to_user)
-                            if watching is None:
-                                watchers[to_user] = {from_user}
-                            else:
-                                watching.add(from_user)
-                    else:
-                        # Refused before any set is made: a refused follow
-                        # must cost no memory, or the cap would mean nothing.
-                        self.follows_refused += 1
+                if kind == FOLLOW:
+                    from_user = int(split_line[2])
+                    followed = following.get(from_user)
+                    if followed is None or to_user not in followed:
+                        if self.follow_count < self.max_follows:
+                            if followed is None:
+                                followed = following[from_user] = set()
+                            followed.add(to_user)
+                            self.follow_count += 1
+                            if from_user in connected_users:
+                                self._watch(to_user, from_user)
+                        else:
+                            # Refused before any set is made: a refused follow
+                            # must cost no memory, or the cap would mean nothing.
+                            self.follows_refused += 1
                 targets = routes.get(to_user)
-                if targets is not None:
-                    raw = b"|".join(split_line)
-                    for target in targets:
-                        target.lines.append(raw)
-                        touch(target)
-                    delivered += len(targets)
-            elif kind == PRIVATE:
-                targets = routes.get(int(split_line[3]))
                 if targets is not None:
                     raw = b"|".join(split_line)
                     for target in targets:
@@ -574,10 +571,7 @@ class Exchange:
                         if not followed:
                             del following[from_user]
                         if from_user in connected_users:
-                            watching = watchers[to_user]
-                            watching.remove(from_user)
-                            if not watching:
-                                del watchers[to_user]
+                            self._unwatch(to_user, from_user)
             elif kind in BROADCAST_FIELDS:
                 raw = b"|".join(split_line)
                 subscribers = self.subscribers
