@@ -3,9 +3,9 @@
 
 It plays both sides of the broker: it connects the user clients, then connects as the
 event source and streams a seeded, batch-shuffled sequence of events. While generating
-the events in sequence order it keeps its own follow-graph oracle (SPEC section 2.1), so
-it knows the exact bytes every connected client must receive, and it checks each
-client's stream byte for byte and in order as it arrives.
+the events in sequence order it keeps its own follow-graph oracle (docs/behaviour.md,
+section 2.1), so it knows the exact bytes every connected client must receive, and it
+checks each client's stream byte for byte and in order as it arrives.
 
 Success prints ``\\o/ ALL NOTIFICATIONS RECEIVED \\o/`` and exits 0; any failure prints
 a precise description (user, notification number, byte offset, expected and received
@@ -14,7 +14,7 @@ line) and exits 1.
 Configuration: the follower-maze environment variables (eventListenerPort,
 clientListenerPort, totalEvents, concurrencyLevel, numberOfUsers, randomSeed, timeout,
 maxEventSourceBatchSize, logInterval) and equivalent command-line flags; flags win.
-Run ``python tools/maze.py --help`` for every option.
+Run ``python3 tools/maze.py --help`` for every option; tools/README.md is the manual.
 
 The generator is importable (``WorkloadGenerator``, ``generate_workload``) so that
 benchmarks can reuse it. Standard library only.
@@ -35,43 +35,26 @@ import sys
 import threading
 import time
 from array import array
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 SUCCESS_LINE = "\\o/ ALL NOTIFICATIONS RECEIVED \\o/"
 
-# Event kinds, used as small integers in the hot generation loop.
-FOLLOW, UNFOLLOW, BROADCAST, PRIVATE, STATUS = range(5)
-KIND_LETTERS = "FUBPS"
-
-# Default event mix, as relative weights (per thousand events). Follows and private
-# messages are common; unfollows mostly remove a follow that exists; broadcasts are rare
-# because each one fans out to every connected client.
-DEFAULT_MIX: dict[str, float] = {"F": 350, "U": 150, "B": 2, "P": 250, "S": 248}
-
-# Share of unfollow events that remove an existing follow (the rest pick a random pair,
-# which is usually not a follow, exercising "unfollowing a non-follower does nothing").
-UNFOLLOW_EXISTING_PER_TEN = 9
-
-# Resolution of the event-kind lookup table: a weight can be as small as 1/65536.
-KIND_TABLE_BITS = 16
-KIND_TABLE_SIZE = 1 << KIND_TABLE_BITS
-
-# Batches up to this size are shuffled with a cached, seeded set of permutations per size.
-PERMUTATION_CACHE_MAX_BATCH = 1024
-PERMUTATIONS_PER_SIZE = 32
-
-DEFAULT_CHUNK_EVENTS = 20_000
-SEND_SIZE = 1 << 20  # bytes handed to one send() call on the event source
-RECEIVE_SIZE = 1 << 18  # bytes asked of one recv() call on a client
-REFILL_BELOW_BYTES = 1 << 20  # generate the next chunk when less than this is queued
-COMPACT_AFTER_BYTES = 1 << 20  # drop verified expected bytes once this many piled up
-TAIL_LIMIT_BYTES = 1 << 16  # bytes kept after a first difference, for the diagnosis
+Log = Callable[[str], None]
 
 
-# --------------------------------------------------------------------------------------
+def log_to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ======================================================================================
 # Configuration
-# --------------------------------------------------------------------------------------
+#
+# Rules: defaults, then the harness's environment variables, then flags; a flag wins.
+# Every setting is checked here, once, so that the rest of the file can trust it.
+# ======================================================================================
+
+DEFAULT_CHUNK_EVENTS = 20_000  # events generated per chunk
 
 
 @dataclass
@@ -100,7 +83,7 @@ class MazeConfig:
     json_path: str | None = None
 
 
-# (environment variable / flag name, config attribute, extra flag spellings, help)
+# (environment variable and flag name, config attribute, extra flag spellings, help)
 HARNESS_SETTINGS = [
     ("eventListenerPort", "event_port", ["--event-port"], "event source port (9090)"),
     ("clientListenerPort", "client_port", ["--client-port"], "user client port (9099)"),
@@ -116,6 +99,10 @@ HARNESS_SETTINGS = [
     ("logInterval", "log_interval_ms", ["--log-interval-ms"],
      "ms between progress lines on stderr, 0 = none (1000)"),
 ]
+
+# Settings given as plain flags; each one overrides the MazeConfig default if given.
+OPTIONAL_SETTINGS = ("max_follows", "grace_ms", "settle_ms", "max_backlog_bytes",
+                     "chunk_events", "json_path")
 
 
 def parse_mix(text: str) -> dict[str, float]:
@@ -209,8 +196,7 @@ def parse_config(argv: Sequence[str] | None = None,
             config.mix = parse_mix(arguments.mix)
         except ValueError as error:
             parser.error(str(error))
-    for attribute in ("max_follows", "grace_ms", "settle_ms", "max_backlog_bytes",
-                      "chunk_events", "json_path"):
+    for attribute in OPTIONAL_SETTINGS:
         value = getattr(arguments, attribute)
         if value is not None:
             setattr(config, attribute, value)
@@ -247,9 +233,36 @@ def validate_config(config: MazeConfig) -> list[str]:
     return problems
 
 
-# --------------------------------------------------------------------------------------
-# Workload generation (importable)
-# --------------------------------------------------------------------------------------
+# ======================================================================================
+# Workload generator and oracle (importable)
+#
+# Rules: a pure function of the settings: the same settings give the same bytes, whatever
+# the chunk size (each random stream is drawn in whole words per event or per batch, and
+# a chunk holds whole batches). The oracle applies the contract's rules in sequence order
+# (docs/behaviour.md 2.1). Memory is bounded by max_follows and one chunk. No sockets,
+# no clocks. The hot loop does one Python iteration per event and nothing per byte.
+# ======================================================================================
+
+# Event kinds, as small integers in the hot generation loop.
+FOLLOW, UNFOLLOW, BROADCAST, PRIVATE, STATUS = range(5)
+KIND_LETTERS = "FUBPS"
+
+# Default event mix, as relative weights (per thousand events). Follows and private
+# messages are common; unfollows mostly remove a follow that exists; broadcasts are rare
+# because each one fans out to every connected client.
+DEFAULT_MIX: dict[str, float] = {"F": 350, "U": 150, "B": 2, "P": 250, "S": 248}
+
+# Share of unfollow events that remove an existing follow (the rest pick a random pair,
+# which is usually not a follow, exercising "unfollowing a non-follower does nothing").
+UNFOLLOW_EXISTING_PER_TEN = 9
+
+# Resolution of the event-kind lookup table: a weight can be as small as 1/65536.
+KIND_TABLE_BITS = 16
+KIND_TABLE_SIZE = 1 << KIND_TABLE_BITS
+
+# Batches up to this size are shuffled with a cached, seeded set of permutations per size.
+PERMUTATION_CACHE_MAX_BATCH = 1024
+PERMUTATIONS_PER_SIZE = 32
 
 
 @dataclass
@@ -289,7 +302,7 @@ def build_kind_table(mix: Mapping[str, float]) -> bytes:
 class WorkloadGenerator:
     """Streams a seeded event workload in chunks, with the notifications it implies.
 
-    The follow-graph oracle follows SPEC 2.1: F notifies TO and adds the follow, U
+    The follow-graph oracle follows docs/behaviour.md 2.1: F notifies TO and adds the follow, U
     notifies nobody and removes it, B goes to every connected user, P to TO, S to every
     current follower of FROM. Only follows by connected users can ever cause a
     notification, so only those are kept per followed user; the full set of follow pairs
@@ -364,7 +377,8 @@ class WorkloadGenerator:
         else:
             count = target
         words = self._random_words(3 * count)
-        lines = self._generate_lines(first_seq, words[0::3], words[1::3], words[2::3])
+        lines, notifications = self._generate_lines(first_seq, words[0::3], words[1::3],
+                                                    words[2::3])
         if batch_sizes:
             lines = self._shuffle_batches(lines, batch_sizes, batch_words)
         source = "".join(lines).encode("ascii")
@@ -373,7 +387,6 @@ class WorkloadGenerator:
             if user_lines:
                 expected[user] = "".join(user_lines).encode("ascii")
                 user_lines.clear()
-        notifications = self._chunk_notifications
         self.events_generated = first_seq + count
         self.notifications_generated += notifications
         return WorkloadChunk(source, expected, count, notifications)
@@ -424,8 +437,11 @@ class WorkloadGenerator:
         return words
 
     def _generate_lines(self, first_seq: int, kind_words: array, first_words: array,
-                        second_words: array) -> list[str]:
-        """The hot loop: one iteration per event, with as little Python work as possible."""
+                        second_words: array) -> tuple[list[str], int]:
+        """The event lines in sequence order, and how many notifications they cause.
+
+        The hot loop: one iteration per event, with as little Python work as possible.
+        Each notification is appended to its user's list of expected lines."""
         terminator = self.terminator.decode("ascii")
         users = self.users
         key_base = users + 1
@@ -508,8 +524,7 @@ class WorkloadGenerator:
                     append_expected(line)
                 notifications += connected_count
             append_line(line)
-        self._chunk_notifications = notifications
-        return lines
+        return lines, notifications
 
 
 def generate_workload(total_events: int, concurrency: int, users: int, seed: int = 666,
@@ -535,9 +550,33 @@ def generate_workload(total_events: int, concurrency: int, users: int, seed: int
             {user: bytes(data) for user, data in expected.items()})
 
 
-# --------------------------------------------------------------------------------------
-# Verification of one client's stream
-# --------------------------------------------------------------------------------------
+def join_chunks(chunks: Iterable[WorkloadChunk]) -> WorkloadChunk:
+    """The chunks as one chunk, in order (for building a whole workload up front)."""
+    source = bytearray()
+    expected: dict[int, bytearray] = collections.defaultdict(bytearray)
+    events = notifications = 0
+    for chunk in chunks:
+        source += chunk.source
+        for user, data in chunk.expected.items():
+            expected[user] += data
+        events += chunk.events
+        notifications += chunk.notifications
+    return WorkloadChunk(bytes(source), {user: bytes(data) for user, data in expected.items()},
+                         events, notifications)
+
+
+# ======================================================================================
+# Verification of client streams
+#
+# Rules: received bytes are compared with the expected bytes as whole slices: no per-line
+# Python work unless something differs. The first difference stops a stream's checking;
+# the bytes after it are kept (up to TAIL_LIMIT_BYTES) and classified only at the end.
+# A stream keeps only the expected bytes not yet received, plus the line it is in, so a
+# failure can still quote it.
+# ======================================================================================
+
+COMPACT_AFTER_BYTES = 1 << 20  # drop verified expected bytes once this many piled up
+TAIL_LIMIT_BYTES = 1 << 16  # bytes kept after a first difference, for the diagnosis
 
 
 def first_difference(expected: bytes, received: bytes) -> int:
@@ -566,7 +605,7 @@ class ClientStream:
 
     __slots__ = ("user", "sock", "expected", "position", "discarded", "verified_lines",
                  "waiting_since", "tail", "mismatch_index", "mismatch_line_number",
-                 "failure", "closed")
+                 "failure")
 
     def __init__(self, user: int, sock: socket.socket | None):
         self.user = user
@@ -580,7 +619,6 @@ class ClientStream:
         self.mismatch_index = 0
         self.mismatch_line_number = 0
         self.failure: str | None = None  # a failure not needing a diagnosis (timeout...)
-        self.closed = False
 
     @property
     def pending_bytes(self) -> int:
@@ -633,6 +671,12 @@ class ClientStream:
         line_end = self.expected.find(b"\n", line_start)
         line_end = len(self.expected) if line_end < 0 else line_end + 1
         return line_start, bytes(self.expected[line_start:line_end])
+
+    def time_out(self, timeout_ms: int) -> None:
+        self.failure = self.describe_timeout(timeout_ms)
+
+    def close_by_broker(self, reason: str) -> None:
+        self.failure = self.describe_closed(reason)
 
     def describe_timeout(self, timeout_ms: int) -> str:
         line_start, expected_line = self._expected_line_at(self.position)
@@ -692,37 +736,135 @@ class ClientStream:
         return heading + "wrong bytes at " + detail
 
 
-# --------------------------------------------------------------------------------------
-# The run
-# --------------------------------------------------------------------------------------
+class Verifier:
+    """Every connected client's stream, and the totals over all of them.
+
+    A client that the broker closes, or whose bytes differ, fails at once and the run
+    stops; what it received after a difference is kept for the diagnosis.
+    """
+
+    def __init__(self, selector: selectors.BaseSelector, max_backlog_bytes: int):
+        self.selector = selector
+        self.streams: list[ClientStream] = []
+        self._stream_of_user: dict[int, ClientStream] = {}
+        self.max_backlog_bytes = max_backlog_bytes
+        self.notification_bytes_expected = 0
+        self.notification_bytes_verified = 0
+        self.last_verified_time = 0.0
+        self.failed = False
+        # Only the clients that were given expected bytes can push a backlog past the
+        # bound; remembering them avoids scanning every stream on every refill.
+        self._backlogged: set[ClientStream] = set()
+
+    def add(self, stream: ClientStream) -> None:
+        self.streams.append(stream)
+        self._stream_of_user[stream.user] = stream
+        self.selector.register(stream.sock, selectors.EVENT_READ, stream)
+
+    def expect(self, expected: Mapping[int, bytes], now: float) -> None:
+        for user, data in expected.items():
+            stream = self._stream_of_user[user]
+            stream.add_expected(data, now)
+            self.notification_bytes_expected += len(data)
+            if stream.pending_bytes > self.max_backlog_bytes:
+                self._backlogged.add(stream)
+
+    def backlogged(self) -> bool:
+        """True while some client has more than max_backlog_bytes still to receive."""
+        if self._backlogged:
+            self._backlogged = {stream for stream in self._backlogged
+                                if stream.pending_bytes > self.max_backlog_bytes}
+        return bool(self._backlogged)
+
+    @property
+    def complete(self) -> bool:
+        return self.notification_bytes_verified == self.notification_bytes_expected
+
+    def read(self, stream: ClientStream) -> None:
+        try:
+            data = stream.sock.recv(RECEIVE_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as error:
+            data = None
+            reason = str(error)
+        else:
+            reason = "EOF"
+        if not data:
+            stream.close_by_broker(reason)
+            self.selector.unregister(stream.sock)
+            self.failed = True
+            return
+        now = time.perf_counter()
+        verified = stream.receive(data, now)
+        if verified:
+            self.notification_bytes_verified += verified
+            self.last_verified_time = now
+        if stream.tail is not None:
+            self.failed = True
+
+    def late_streams(self, now: float, source_active_at: float,
+                     timeout: float) -> list[ClientStream]:
+        """Clients that waited longer than ``timeout`` for their next notification.
+
+        A wait counts from the client's last byte or from ``source_active_at`` (the last
+        source write), whichever is later: while the broker is still taking events, it
+        may not have received the ones this client waits for yet."""
+        return [stream for stream in self.streams if stream.pending_bytes
+                and now - max(stream.waiting_since, source_active_at) > timeout]
+
+    def any_failed(self) -> bool:
+        return any(stream.failed for stream in self.streams)
+
+    def listen(self, seconds: float) -> None:
+        """Keep reading every client for ``seconds`` (the end-of-run grace period).
+
+        On success, anything more is an extra notification; after a difference, it
+        collects the bytes that tell a missing line from a reordered one."""
+        deadline = time.perf_counter() + seconds
+        while True:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return
+            for key, _mask in self.selector.select(remaining):
+                stream = key.data
+                if not isinstance(stream, ClientStream):
+                    continue
+                try:
+                    data = stream.sock.recv(RECEIVE_SIZE)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    self.selector.unregister(stream.sock)
+                    continue
+                stream.receive(data, time.perf_counter())
+
+    def failures(self) -> list[str]:
+        failures = []
+        for stream in self.streams:
+            if stream.tail is not None:
+                failures.append(stream.describe_mismatch())
+            elif stream.failure is not None:
+                failures.append(stream.failure)
+        return failures
+
+    def close(self) -> None:
+        for stream in self.streams:
+            stream.sock.close()
 
 
-@dataclass
-class RunReport:
-    result: str  # "success" or "failure"
-    events: int
-    notifications: int
-    source_bytes: int
-    notification_bytes: int
-    seconds: float
-    events_per_second: float
-    notifications_per_second: float
-    cpu_seconds: float
-    mode: str
-    failures: list[str] = field(default_factory=list)
+# ======================================================================================
+# The event-source sender
+#
+# Rules: the queue holds generated source bytes not yet written, in order. Bytes go out
+# only when the socket is writable, at most SEND_SIZE per send(); EVENT_WRITE is watched
+# only while bytes are queued. A stall is the broker not taking bytes: a blocked send()
+# shows it, and so do bytes that were written but sit unread in the kernel.
+# ======================================================================================
 
-    def lines(self) -> list[str]:
-        return [
-            f"mode: {self.mode}",
-            f"events: {self.events}",
-            f"notifications: {self.notifications}",
-            f"bytes: {self.source_bytes + self.notification_bytes} "
-            f"(source {self.source_bytes}, notifications {self.notification_bytes})",
-            f"seconds: {self.seconds:.3f}",
-            f"events/s: {self.events_per_second:,.0f}",
-            f"notifications/s: {self.notifications_per_second:,.0f}",
-            f"tool cpu seconds: {self.cpu_seconds:.3f}",
-        ]
+SEND_SIZE = 1 << 20  # bytes handed to one send() call on the event source
 
 
 def unacknowledged_bytes(sock: socket.socket) -> int:
@@ -736,6 +878,133 @@ def unacknowledged_bytes(sock: socket.socket) -> int:
     except (ImportError, AttributeError, OSError):
         return 0
     return max(0, int.from_bytes(answer, sys.byteorder, signed=True))
+
+
+class SourceSender:
+    """The event source connection: queued source bytes out to the broker."""
+
+    def __init__(self, sock: socket.socket, selector: selectors.BaseSelector):
+        self.sock = sock
+        self.selector = selector
+        self._queue: collections.deque[memoryview] = collections.deque()
+        self.queued_bytes = 0
+        self.bytes_written = 0
+        self.first_write_time: float | None = None
+        self.last_write_time = 0.0
+        self.failure: str | None = None
+        self._watching_writes = False
+        # The source is waiting for the broker since its last write or since bytes were
+        # queued on an empty queue, whichever is later.
+        self._waiting_since = time.perf_counter()
+        # With nothing queued, a stall shows as a constant count of unread bytes.
+        self._unread = 0
+        self._unread_since = 0.0
+        sock.setblocking(False)
+        selector.register(sock, selectors.EVENT_READ, self)
+
+    @property
+    def idle(self) -> bool:
+        return not self._queue
+
+    def enqueue(self, data: bytes, now: float) -> None:
+        if not data:
+            return
+        if not self._queue:
+            self._waiting_since = now
+        self._queue.append(memoryview(data))
+        self.queued_bytes += len(data)
+
+    def update_interest(self) -> None:
+        wanted = bool(self._queue)
+        if wanted != self._watching_writes:
+            self.selector.modify(self.sock, selectors.EVENT_READ
+                                 | (selectors.EVENT_WRITE if wanted else 0), self)
+            self._watching_writes = wanted
+
+    def on_ready(self, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE and self._queue:
+            self._write()
+        elif mask & selectors.EVENT_READ:
+            self._read_unexpected()
+
+    def _write(self) -> None:
+        view = self._queue[0]
+        try:
+            sent = self.sock.send(view[:SEND_SIZE])
+        except BlockingIOError:
+            return
+        except OSError as error:
+            self.failure = (f"event source: connection failed after {self.bytes_written} "
+                            f"bytes written: {error}")
+            return
+        if not sent:
+            return
+        now = time.perf_counter()
+        if self.first_write_time is None:
+            self.first_write_time = now
+        self.last_write_time = self._waiting_since = now
+        self.bytes_written += sent
+        self.queued_bytes -= sent
+        if sent == len(view):
+            self._queue.popleft()
+        else:
+            self._queue[0] = view[sent:]
+
+    def _read_unexpected(self) -> None:
+        # The broker sends nothing on the event port: this is EOF or junk.
+        try:
+            data = self.sock.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError as error:
+            reason = str(error)
+        else:
+            reason = "EOF" if not data else f"unexpected bytes {data[:40]!r}"
+        self.failure = (f"event source: broker closed or wrote on the event connection "
+                        f"({reason}) after {self.bytes_written} bytes written")
+        self.selector.unregister(self.sock)
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds the broker has not taken source bytes although some were waiting."""
+        if self._queue:
+            return now - self._waiting_since
+        # Everything is written, but the kernel may still hold bytes the broker has not
+        # taken: a stall that send() alone cannot see.
+        unread = unacknowledged_bytes(self.sock)
+        if unread != self._unread:
+            self._unread, self._unread_since = unread, now
+        return now - self._unread_since if unread else 0.0
+
+    def stall_message(self, stalled_for: float, timeout_ms: int) -> str:
+        return (f"event source stalled: the broker has not read the event source for "
+                f"{stalled_for * 1000:.0f} ms (timeout {timeout_ms} ms); "
+                f"{self.bytes_written} bytes written "
+                f"({unacknowledged_bytes(self.sock)} of them not yet taken by the broker), "
+                f"{self.queued_bytes} more queued")
+
+    def finish(self) -> None:
+        """Tell the peer the stream is complete (EOF), keeping the socket open."""
+        self.sock.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# ======================================================================================
+# The run loop
+#
+# Rules: one thread; nothing blocks except select(), whose timeout bounds every check.
+# Clients connect first, then the source, after a settle wait so that the broker has
+# read every id before the first event is dispatched. Each pass generates (if there is
+# room), writes, reads and verifies, then checks the deadlines: the run stops at the
+# first failure, or once everything generated is written and every expected byte
+# verified. The clock runs from the first source byte written to the last notification
+# verified.
+# ======================================================================================
+
+RECEIVE_SIZE = 1 << 18  # bytes asked of one recv() call on a client
+REFILL_BELOW_BYTES = 1 << 20  # generate the next chunk when less than this is queued
+SELECT_INTERVAL = 0.05  # seconds; also how often the deadlines are checked
 
 
 class MazeFailure(Exception):
@@ -773,86 +1042,219 @@ class DiscardingSink:
                 self.last_read = time.perf_counter()
         self.listener.close()
 
+    def wait_until_read(self, timeout: float) -> None:
+        """Wait for the sender's EOF to reach the sink (everything has been read)."""
+        self.thread.join(timeout)
+
+
+class WorkloadFeed:
+    """Hands generated chunks to the verifier (expected bytes) and the sender (source).
+
+    Generation pauses while the source queue holds REFILL_BELOW_BYTES or a client lags
+    more than --max-backlog behind, so memory stays bounded whatever totalEvents is.
+    """
+
+    def __init__(self, chunks: Iterator[WorkloadChunk], sender: SourceSender,
+                 verifier: Verifier):
+        self._chunks = chunks
+        self._sender = sender
+        self._verifier = verifier
+        self.done = False
+        self.events = 0
+        self.notifications = 0
+
+    def refill(self) -> None:
+        while not self.done and self._sender.queued_bytes < REFILL_BELOW_BYTES:
+            if self._verifier.backlogged():
+                return
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                self.done = True
+                return
+            now = time.perf_counter()
+            self._verifier.expect(chunk.expected, now)
+            self.notifications += chunk.notifications
+            self.events += chunk.events
+            self._sender.enqueue(chunk.source, now)
+
+
+class Watchdog:
+    """The run's deadlines: a stalled source and clients waiting too long."""
+
+    def __init__(self, timeout_ms: int, sender: SourceSender, verifier: Verifier):
+        self.timeout_ms = timeout_ms
+        self.sender = sender
+        self.verifier = verifier
+        self._next_check = 0.0
+
+    def check(self, now: float) -> list[str] | None:
+        """None while the run may go on. Otherwise the run stops, with these failures
+        (a client's own failure is kept on its stream and reported from there)."""
+        if now < self._next_check:
+            return None
+        self._next_check = now + SELECT_INTERVAL
+        timeout = self.timeout_ms / 1000
+        stalled_for = self.sender.stalled_for(now)
+        if stalled_for > timeout:
+            return [self.sender.stall_message(stalled_for, self.timeout_ms)]
+        late = self.verifier.late_streams(now, self.sender.last_write_time, timeout)
+        if not late:
+            return None
+        if stalled_for > timeout / 2:
+            # Clients starve because the broker stopped reading: that is the root cause
+            # to report; the starving clients are its consequence.
+            return [self.sender.stall_message(stalled_for, self.timeout_ms),
+                    f"as a consequence {len(late)} client(s) miss notifications; the "
+                    f"first: {late[0].describe_timeout(self.timeout_ms)}"]
+        for stream in late:
+            stream.time_out(self.timeout_ms)
+        return []
+
+
+class ProgressLog:
+    """A progress line on stderr every --logInterval ms (none if 0)."""
+
+    def __init__(self, interval_ms: int, log: Log, total_events: int, feed: WorkloadFeed,
+                 sender: SourceSender, verifier: Verifier):
+        self.interval = interval_ms / 1000
+        self.log = log
+        self.total_events = total_events
+        self.feed = feed
+        self.sender = sender
+        self.verifier = verifier
+        self.started = time.perf_counter()
+        self._next_line = self.started + self.interval
+
+    def maybe_log(self, now: float) -> None:
+        if not self.interval or now < self._next_line:
+            return
+        self._next_line = now + self.interval
+        elapsed = now - (self.sender.first_write_time or self.started)
+        events = self.feed.events
+        self.log(f"maze: {events}/{self.total_events} events generated, "
+                 f"{self.sender.bytes_written} source bytes written, "
+                 f"{self.verifier.notification_bytes_verified}/"
+                 f"{self.verifier.notification_bytes_expected} notification bytes verified, "
+                 f"{events / elapsed if elapsed > 0 else 0:,.0f} events/s")
+
 
 class MazeRun:
-    def __init__(self, config: MazeConfig, log=None):
+    """One run: connect, stream, verify, report. ``MazeRun(config).run()``."""
+
+    def __init__(self, config: MazeConfig, log: Log | None = None):
         self.config = config
-        self.log = log or (lambda message: print(message, file=sys.stderr, flush=True))
-        users_in_events = config.users
+        self.log = log or log_to_stderr
         concurrency = 0 if config.sink else config.concurrency
         self.generator = WorkloadGenerator(
-            config.total_events, concurrency, users_in_events, config.seed, config.max_batch,
+            config.total_events, concurrency, config.users, config.seed, config.max_batch,
             config.terminator, config.mix, config.max_follows)
-        self.streams: list[ClientStream] = []
-        self.stream_of_user: dict[int, ClientStream] = {}
-
-    # -- helpers -------------------------------------------------------------------
-
-    def _chunk_source(self) -> Iterator[WorkloadChunk]:
-        if not self.config.pregenerate:
-            return self.generator.chunks(self.config.chunk_events)
-        # Build the whole workload before the clock starts, as one big chunk.
-        started = time.perf_counter()
-        source = bytearray()
-        expected: dict[int, bytearray] = collections.defaultdict(bytearray)
-        events = notifications = 0
-        for chunk in self.generator.chunks(self.config.chunk_events):
-            source += chunk.source
-            for user, data in chunk.expected.items():
-                expected[user] += data
-            events += chunk.events
-            notifications += chunk.notifications
-        self.log(f"maze: pregenerated {events} events, {notifications} notifications, "
-                 f"{len(source)} source bytes in {time.perf_counter() - started:.2f} s")
-        whole = WorkloadChunk(bytes(source), {user: bytes(data) for user, data
-                                              in expected.items()}, events, notifications)
-        return iter([whole])
 
     def run(self) -> RunReport:
         config = self.config
         if config.dry_run:
             return self._dry_run()
-        chunks = self._chunk_source()
+        chunks = self._chunks()
         cpu_start = time.process_time()
         sink = DiscardingSink(config.host) if config.sink else None
-        event_port = sink.port if sink else config.event_port
         selector = selectors.DefaultSelector()
-        timeout = config.timeout_ms / 1000
-        source_sock = None
+        verifier = Verifier(selector, config.max_backlog_bytes)
+        sender = None
         try:
-            for user in self.generator.connected_users:
-                try:
-                    sock = socket.create_connection((config.host, config.client_port),
-                                                    timeout=timeout)
-                    sock.sendall(self.generator.id_line(user))
-                except OSError as error:
-                    raise MazeFailure(f"cannot connect user {user} to client port "
-                                      f"{config.host}:{config.client_port}: {error}") from None
-                sock.setblocking(False)
-                stream = ClientStream(user, sock)
-                self.streams.append(stream)
-                self.stream_of_user[user] = stream
-                selector.register(sock, selectors.EVENT_READ, stream)
-            if self.streams:
-                # The broker must have read every id before the first event is dispatched.
-                time.sleep(config.settle_ms / 1000)
-            try:
-                source_sock = socket.create_connection((config.host, event_port),
-                                                       timeout=timeout)
-            except OSError as error:
-                raise MazeFailure(f"cannot connect the event source to {config.host}:"
-                                  f"{event_port}: {error}") from None
-            source_sock.setblocking(False)
-            selector.register(source_sock, selectors.EVENT_READ, None)
-            report = self._loop(selector, source_sock, chunks, sink)
+            self._connect_clients(verifier)
+            sender = SourceSender(self._connect_source(sink.port if sink else
+                                                       config.event_port), selector)
+            feed = WorkloadFeed(chunks, sender, verifier)
+            failures = self._drive(selector, feed, sender, verifier)
+            end_time = max(verifier.last_verified_time, sender.last_write_time)
+            if sink is not None and not failures and not verifier.any_failed():
+                # Count the time until the sink has actually read everything.
+                sender.finish()
+                sink.wait_until_read(config.timeout_ms / 1000)
+                end_time = max(end_time, sink.last_read)
+                if sink.bytes_read != sender.bytes_written:
+                    failures.append(f"sink read {sink.bytes_read} of {sender.bytes_written} "
+                                    f"bytes")
+            if verifier.streams:
+                verifier.listen(config.grace_ms / 1000)
+            failures += verifier.failures()
         finally:
-            for stream in self.streams:
-                stream.sock.close()
-            if source_sock is not None:
-                source_sock.close()
+            verifier.close()
+            if sender is not None:
+                sender.close()
             selector.close()
-        report.cpu_seconds = time.process_time() - cpu_start
-        return report
+        started = sender.first_write_time
+        return RunReport.measured(
+            events=feed.events,
+            notifications=feed.notifications,
+            source_bytes=sender.bytes_written,
+            notification_bytes=verifier.notification_bytes_expected,
+            seconds=end_time - started if started is not None else 0.0,
+            cpu_seconds=time.process_time() - cpu_start,
+            mode=("sink" if sink else "broker")
+            + (", pregenerated" if config.pregenerate else ", streaming"),
+            failures=failures,
+        )
+
+    def _chunks(self) -> Iterator[WorkloadChunk]:
+        if not self.config.pregenerate:
+            return self.generator.chunks(self.config.chunk_events)
+        # Build the whole workload before the clock starts, as one big chunk.
+        started = time.perf_counter()
+        whole = join_chunks(self.generator.chunks(self.config.chunk_events))
+        self.log(f"maze: pregenerated {whole.events} events, {whole.notifications} "
+                 f"notifications, {len(whole.source)} source bytes in "
+                 f"{time.perf_counter() - started:.2f} s")
+        return iter([whole])
+
+    def _connect_clients(self, verifier: Verifier) -> None:
+        config = self.config
+        for user in self.generator.connected_users:
+            try:
+                sock = socket.create_connection((config.host, config.client_port),
+                                                timeout=config.timeout_ms / 1000)
+                sock.sendall(self.generator.id_line(user))
+            except OSError as error:
+                raise MazeFailure(f"cannot connect user {user} to client port "
+                                  f"{config.host}:{config.client_port}: {error}") from None
+            sock.setblocking(False)
+            verifier.add(ClientStream(user, sock))
+        if verifier.streams:
+            # The broker must have read every id before the first event is dispatched.
+            time.sleep(config.settle_ms / 1000)
+
+    def _connect_source(self, port: int) -> socket.socket:
+        try:
+            return socket.create_connection((self.config.host, port),
+                                            timeout=self.config.timeout_ms / 1000)
+        except OSError as error:
+            raise MazeFailure(f"cannot connect the event source to {self.config.host}:"
+                              f"{port}: {error}") from None
+
+    def _drive(self, selector: selectors.BaseSelector, feed: WorkloadFeed,
+               sender: SourceSender, verifier: Verifier) -> list[str]:
+        """The loop; returns the run-level failures (clients keep their own)."""
+        watchdog = Watchdog(self.config.timeout_ms, sender, verifier)
+        progress = ProgressLog(self.config.log_interval_ms, self.log,
+                               self.config.total_events, feed, sender, verifier)
+        while True:
+            feed.refill()
+            sender.update_interest()
+            for key, mask in selector.select(SELECT_INTERVAL):
+                if key.data is sender:
+                    sender.on_ready(mask)
+                else:
+                    verifier.read(key.data)
+            if sender.failure is not None:
+                return [sender.failure]
+            if verifier.failed:
+                return []
+            if feed.done and sender.idle and verifier.complete:
+                return []
+            now = time.perf_counter()
+            failures = watchdog.check(now)
+            if failures is not None:
+                return failures
+            progress.maybe_log(now)
 
     def _dry_run(self) -> RunReport:
         cpu_start = time.process_time()
@@ -864,388 +1266,238 @@ class MazeRun:
             notifications += chunk.notifications
             source_bytes += len(chunk.source)
             notification_bytes += sum(map(len, chunk.expected.values()))
-        seconds = time.perf_counter() - started
-        return RunReport("success", events, notifications, source_bytes, notification_bytes,
-                         seconds, events / seconds if seconds else 0.0,
-                         notifications / seconds if seconds else 0.0,
-                         time.process_time() - cpu_start, "dry-run (generation only)")
+        return RunReport.measured(
+            events=events, notifications=notifications, source_bytes=source_bytes,
+            notification_bytes=notification_bytes, seconds=time.perf_counter() - started,
+            cpu_seconds=time.process_time() - cpu_start, mode="dry-run (generation only)",
+            failures=[])
 
-    def _loop(self, selector, source_sock, chunks, sink) -> RunReport:
-        config = self.config
-        timeout = config.timeout_ms / 1000
-        streams = self.streams
-        stream_of_user = self.stream_of_user
-        source_queue: collections.deque[memoryview] = collections.deque()
-        queued_source_bytes = 0
-        generation_done = False
-        events_queued = 0
-        notifications_expected = 0
-        notification_bytes_expected = 0
-        notification_bytes_verified = 0
-        source_bytes_written = 0
-        first_write_time = None
-        last_write_time = 0.0
-        last_verified_time = 0.0
-        source_progress_time = time.perf_counter()
-        failures: list[str] = []
-        source_failure: str | None = None
-        writing = False
-        client_failed = False
-        last_unread, unread_since = 0, 0.0
-        log_interval = config.log_interval_ms / 1000
-        next_log = time.perf_counter() + log_interval
-        next_check = 0.0
-        run_started = time.perf_counter()
-        max_backlog = config.max_backlog_bytes
-        # Only the clients that were given expected bytes can push a backlog past the
-        # bound; remembering them avoids scanning every stream on every refill.
-        backlog_watch: set[ClientStream] = set()
 
-        while True:
-            now = time.perf_counter()
-            # Refill the source queue: generation is paused while the queue is full or a
-            # client lags too far behind, so memory stays bounded.
-            while not generation_done and queued_source_bytes < REFILL_BELOW_BYTES:
-                if backlog_watch:
-                    backlog_watch = {stream for stream in backlog_watch
-                                     if stream.pending_bytes > max_backlog}
-                    if backlog_watch:
-                        break
-                chunk = next(chunks, None)
-                if chunk is None:
-                    generation_done = True
-                    break
-                now = time.perf_counter()
-                for user, data in chunk.expected.items():
-                    stream = stream_of_user[user]
-                    stream.add_expected(data, now)
-                    notification_bytes_expected += len(data)
-                    if stream.pending_bytes > max_backlog:
-                        backlog_watch.add(stream)
-                notifications_expected += chunk.notifications
-                events_queued += chunk.events
-                if chunk.source:
-                    if not source_queue:
-                        source_progress_time = now  # the source's wait starts now
-                    source_queue.append(memoryview(chunk.source))
-                    queued_source_bytes += len(chunk.source)
-            want_write = bool(source_queue)
-            if want_write != writing:
-                selector.modify(source_sock, selectors.EVENT_READ
-                                | (selectors.EVENT_WRITE if want_write else 0), None)
-                writing = want_write
-            for key, mask in selector.select(0.05):
-                stream = key.data
-                if stream is None:
-                    if mask & selectors.EVENT_WRITE and source_queue:
-                        view = source_queue[0]
-                        try:
-                            sent = source_sock.send(view[:SEND_SIZE])
-                        except BlockingIOError:
-                            sent = 0
-                        except OSError as error:
-                            source_failure = (f"event source: connection failed after "
-                                              f"{source_bytes_written} bytes written: {error}")
-                            break
-                        if sent:
-                            now = time.perf_counter()
-                            if first_write_time is None:
-                                first_write_time = now
-                            last_write_time = source_progress_time = now
-                            source_bytes_written += sent
-                            queued_source_bytes -= sent
-                            if sent == len(view):
-                                source_queue.popleft()
-                            else:
-                                source_queue[0] = view[sent:]
-                    elif mask & selectors.EVENT_READ:
-                        # The broker sends nothing on the event port: EOF or junk.
-                        try:
-                            data = source_sock.recv(4096)
-                        except BlockingIOError:
-                            continue
-                        except OSError as error:
-                            data = b""
-                            reason = str(error)
-                        else:
-                            reason = "EOF" if not data else f"unexpected bytes {data[:40]!r}"
-                        if not data or source_failure is None:
-                            source_failure = (f"event source: broker closed or wrote on the "
-                                              f"event connection ({reason}) after "
-                                              f"{source_bytes_written} bytes written")
-                        selector.unregister(source_sock)
-                        break
-                    continue
-                try:
-                    data = stream.sock.recv(RECEIVE_SIZE)
-                except BlockingIOError:
-                    continue
-                except OSError as error:
-                    data = None
-                    reason = str(error)
-                else:
-                    reason = "EOF"
-                if not data:
-                    stream.closed = True
-                    stream.failure = stream.describe_closed(reason)
-                    selector.unregister(stream.sock)
-                    client_failed = True
-                    continue
-                verified = stream.receive(data, time.perf_counter())
-                if verified:
-                    notification_bytes_verified += verified
-                    last_verified_time = time.perf_counter()
-                if stream.tail is not None:
-                    client_failed = True
+# ======================================================================================
+# Replay broker (--serve-replay)
+#
+# Rules: a fake broker that costs far less than maze, so that a run against it measures
+# maze itself. It regenerates the workload of a maze run with the same settings, reads
+# and discards the event stream and, each time the source bytes of a whole chunk have
+# arrived, queues that chunk's expected bytes to each connected user. No parsing, no
+# graph. It exits once the source has closed and every queued byte is sent.
+# ======================================================================================
 
-            now = time.perf_counter()
-            if source_failure is not None:
-                failures.append(source_failure)
-                break
-            if client_failed:
-                break
-            if (generation_done and not source_queue
-                    and notification_bytes_verified == notification_bytes_expected):
-                break
-            if now >= next_check:
-                next_check = now + 0.05
-                if source_queue:
-                    source_stalled_for = now - source_progress_time
-                else:
-                    # Everything is written, but the kernel may still hold bytes the broker
-                    # has not taken: a stall that send() alone cannot see.
-                    unread = unacknowledged_bytes(source_sock)
-                    if unread != last_unread:
-                        last_unread, unread_since = unread, now
-                    source_stalled_for = now - unread_since if unread else 0.0
-                if source_stalled_for > timeout:
-                    failures.append(self._stall_message(
-                        source_stalled_for, source_bytes_written, queued_source_bytes,
-                        unacknowledged_bytes(source_sock)))
-                    break
-                # A client's wait counts from its last byte or from the last source write,
-                # whichever is later: while the broker is still taking events, it may not
-                # have received the ones this client waits for.
-                late = [stream for stream in streams if stream.pending_bytes
-                        and now - max(stream.waiting_since, last_write_time) > timeout]
-                if late:
-                    if source_stalled_for > timeout / 2:
-                        # Clients starve because the broker stopped reading: that is the
-                        # root cause to report; the starving clients are its consequence.
-                        failures.append(self._stall_message(
-                            source_stalled_for, source_bytes_written, queued_source_bytes,
-                            unacknowledged_bytes(source_sock)))
-                        failures.append(f"as a consequence {len(late)} client(s) miss "
-                                        f"notifications; the first: "
-                                        f"{late[0].describe_timeout(config.timeout_ms)}")
-                    else:
-                        for stream in late:
-                            stream.failure = stream.describe_timeout(config.timeout_ms)
-                    break
-            if log_interval and now >= next_log:
-                next_log = now + log_interval
-                elapsed = now - (first_write_time or run_started)
-                self.log(f"maze: {events_queued}/{config.total_events} events generated, "
-                         f"{source_bytes_written} source bytes written, "
-                         f"{notification_bytes_verified}/{notification_bytes_expected} "
-                         f"notification bytes verified, "
-                         f"{events_queued / elapsed if elapsed > 0 else 0:,.0f} events/s")
+REPLAY_IDLE_SECONDS = 60  # beyond --timeout, how long it waits for a source or client
 
-        end_time = max(last_verified_time, last_write_time)
-        if sink is not None and not failures and not any(s.failed for s in streams):
-            # Count the time until the sink has actually read everything.
-            source_sock.shutdown(socket.SHUT_WR)
-            sink.thread.join(timeout)
-            end_time = max(end_time, sink.last_read)
-            if sink.bytes_read != source_bytes_written:
-                failures.append(f"sink read {sink.bytes_read} of {source_bytes_written} bytes")
-        # Grace period: on success, anything more is an extra notification; on failure, it
-        # collects the bytes after a first difference so the diagnosis can tell a missing
-        # line from a reordered one.
-        if streams:
-            self._listen(selector, config.grace_ms / 1000)
-        for stream in streams:
-            if stream.tail is not None:
-                failures.append(stream.describe_mismatch())
-            elif stream.failure is not None:
-                failures.append(stream.failure)
-        seconds = end_time - first_write_time if first_write_time is not None else 0.0
-        events = events_queued
-        return RunReport(
-            result="failure" if failures else "success",
-            events=events,
-            notifications=notifications_expected,
-            source_bytes=source_bytes_written,
-            notification_bytes=notification_bytes_expected,
-            seconds=seconds,
-            events_per_second=events / seconds if seconds > 0 else 0.0,
-            notifications_per_second=notifications_expected / seconds if seconds > 0 else 0.0,
-            cpu_seconds=0.0,
-            mode=("sink" if sink else "broker") + (", pregenerated" if config.pregenerate
-                                                   else ", streaming"),
-            failures=failures,
-        )
 
-    def _stall_message(self, stalled_for: float, written: int, queued: int,
-                       unread: int) -> str:
-        return (f"event source stalled: the broker has not read the event source for "
-                f"{stalled_for * 1000:.0f} ms (timeout {self.config.timeout_ms} ms); "
-                f"{written} bytes written ({unread} of them not yet taken by the broker), "
-                f"{queued} more queued")
+class ReplayClient:
+    """One client connection of the replay broker."""
 
-    def _listen(self, selector, seconds: float) -> None:
-        """Keep reading every client for ``seconds`` (the end-of-run grace period)."""
-        deadline = time.perf_counter() + seconds
-        while True:
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                return
-            for key, _mask in selector.select(remaining):
-                stream = key.data
-                if stream is None:
-                    continue
-                try:
-                    data = stream.sock.recv(RECEIVE_SIZE)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    data = b""
-                if not data:
-                    selector.unregister(stream.sock)
-                    continue
-                stream.receive(data, time.perf_counter())
+    __slots__ = ("sock", "user", "hello", "outbox")
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.user: int | None = None  # known once its id line has arrived
+        self.hello = b""
+        self.outbox: collections.deque[memoryview] = collections.deque()
 
 
 class ReplayBroker:
-    """A fake broker for measuring maze itself (``--serve-replay``).
+    """A fake broker for measuring maze itself (``--serve-replay``)."""
 
-    It regenerates the workload that a maze run with the same settings produces, then
-    plays the broker: it reads and discards the event stream and, each time the source
-    bytes of a whole chunk have arrived, queues that chunk's expected bytes to each user.
-    No parsing, no graph: it costs far less than maze, so a run against it measures
-    maze's own ceiling with clients connected.
-    """
-
-    def __init__(self, config: MazeConfig, log=None):
+    def __init__(self, config: MazeConfig, log: Log | None = None):
         self.config = config
-        self.log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+        self.log = log or log_to_stderr
         generator = WorkloadGenerator(
             config.total_events, config.concurrency, config.users, config.seed,
             config.max_batch, config.terminator, config.mix, config.max_follows)
-        self.chunk_ends: list[int] = []
-        self.chunk_expected: list[dict[int, bytes]] = []
+        self._chunk_ends: list[int] = []  # source offset at which each chunk is complete
+        self._chunk_expected: list[dict[int, bytes]] = []
         source_bytes = 0
         for chunk in generator.chunks(config.chunk_events):
             source_bytes += len(chunk.source)
-            self.chunk_ends.append(source_bytes)
-            self.chunk_expected.append(chunk.expected)
+            self._chunk_ends.append(source_bytes)
+            self._chunk_expected.append(chunk.expected)
+        self._selector = selectors.DefaultSelector()
+        self._clients: dict[socket.socket, ReplayClient] = {}
+        self._connections_of: dict[int, list[ReplayClient]] = collections.defaultdict(list)
+        self._source_bytes = 0
+        self._next_chunk = 0
+        self._source_done = False
+        self._buffer = bytearray(1 << 22)
+        self._idle_deadline = 0.0
 
     def serve(self) -> int:
         config = self.config
-        selector = selectors.DefaultSelector()
         event_listener = socket.create_server((config.host, config.event_port))
         client_listener = socket.create_server((config.host, config.client_port))
-        for listener in (event_listener, client_listener):
+        for listener, accept in ((event_listener, self._accept_source),
+                                 (client_listener, self._accept_client)):
             listener.setblocking(False)
-            selector.register(listener, selectors.EVENT_READ, ("listener", listener))
+            self._selector.register(listener, selectors.EVENT_READ, (accept, listener))
         self.log(f"replay broker listening events={config.host}:"
                  f"{event_listener.getsockname()[1]} clients={config.host}:"
                  f"{client_listener.getsockname()[1]}")
-        # connection -> [user or None, bytes read before the id line, queued output]
-        clients: dict[socket.socket, list] = {}
-        connections_of: dict[int, list[socket.socket]] = collections.defaultdict(list)
-        buffer = bytearray(1 << 22)
-        source_bytes = 0
-        next_chunk = 0
-        source_done = False
-        idle_deadline = time.monotonic() + config.timeout_ms / 1000 + 60
-        while time.monotonic() < idle_deadline:
-            if source_done and not any(state[2] for state in clients.values()):
-                break
-            for key, mask in selector.select(0.1):
-                role, sock = key.data
-                if role == "listener":
-                    try:
-                        connection, _address = sock.accept()
-                    except BlockingIOError:
-                        continue
-                    connection.setblocking(False)
-                    if sock is event_listener:
-                        selector.register(connection, selectors.EVENT_READ,
-                                          ("source", connection))
-                    else:
-                        clients[connection] = [None, b"", collections.deque()]
-                        selector.register(connection, selectors.EVENT_READ,
-                                          ("client", connection))
-                    continue
-                if role == "source":
-                    try:
-                        size = sock.recv_into(buffer)
-                    except BlockingIOError:
-                        continue
-                    if not size:
-                        selector.unregister(sock)
-                        sock.close()
-                        source_done = True
-                        continue
-                    source_bytes += size
-                    while (next_chunk < len(self.chunk_ends)
-                           and source_bytes >= self.chunk_ends[next_chunk]):
-                        for user, data in self.chunk_expected[next_chunk].items():
-                            for connection in connections_of.get(user, ()):
-                                clients[connection][2].append(memoryview(data))
-                                selector.modify(connection, selectors.EVENT_READ
-                                                | selectors.EVENT_WRITE, key_data(connection))
-                        self.chunk_expected[next_chunk] = {}
-                        next_chunk += 1
-                    idle_deadline = time.monotonic() + config.timeout_ms / 1000 + 60
-                    continue
-                state = clients[sock]
-                if mask & selectors.EVENT_READ:
-                    try:
-                        data = sock.recv(65536)
-                    except BlockingIOError:
-                        data = None
-                    except OSError:
-                        data = b""
-                    if data == b"":
-                        selector.unregister(sock)
-                        sock.close()
-                        user = clients.pop(sock)[0]
-                        if user is not None:
-                            connections_of[user].remove(sock)
-                        continue
-                    if data and state[0] is None:
-                        state[1] += data
-                        if b"\n" in state[1]:
-                            state[0] = int(state[1].split(b"\n")[0].strip())
-                            connections_of[state[0]].append(sock)
-                if mask & selectors.EVENT_WRITE and state[2]:
-                    view = state[2][0]
-                    try:
-                        sent = sock.send(view[:SEND_SIZE])
-                    except BlockingIOError:
-                        sent = 0
-                    except OSError:
-                        state[2].clear()  # the client went away: nothing left to send
-                        selector.modify(sock, selectors.EVENT_READ, key_data(sock))
-                        continue
-                    if sent == len(view):
-                        state[2].popleft()
-                    else:
-                        state[2][0] = view[sent:]
-                    if not state[2]:
-                        selector.modify(sock, selectors.EVENT_READ, key_data(sock))
-        for sock in list(clients):
-            sock.close()
-        event_listener.close()
-        client_listener.close()
-        selector.close()
+        self._extend_idle_deadline()
+        try:
+            while time.monotonic() < self._idle_deadline:
+                if self._source_done and not any(client.outbox for client
+                                                 in self._clients.values()):
+                    break
+                for key, mask in self._selector.select(0.1):
+                    handler, target = key.data
+                    handler(target, mask)
+        finally:
+            for sock in list(self._clients):
+                sock.close()
+            event_listener.close()
+            client_listener.close()
+            self._selector.close()
         return 0
 
+    def _extend_idle_deadline(self) -> None:
+        self._idle_deadline = (time.monotonic() + self.config.timeout_ms / 1000
+                               + REPLAY_IDLE_SECONDS)
 
-def key_data(connection: socket.socket) -> tuple[str, socket.socket]:
-    return ("client", connection)
+    def _accept_source(self, listener: socket.socket, _mask: int) -> None:
+        try:
+            connection, _address = listener.accept()
+        except BlockingIOError:
+            return
+        connection.setblocking(False)
+        self._selector.register(connection, selectors.EVENT_READ,
+                                (self._read_source, connection))
+
+    def _accept_client(self, listener: socket.socket, _mask: int) -> None:
+        try:
+            connection, _address = listener.accept()
+        except BlockingIOError:
+            return
+        connection.setblocking(False)
+        client = ReplayClient(connection)
+        self._clients[connection] = client
+        self._selector.register(connection, selectors.EVENT_READ, (self._serve_client, client))
+
+    def _read_source(self, sock: socket.socket, _mask: int) -> None:
+        try:
+            size = sock.recv_into(self._buffer)
+        except BlockingIOError:
+            return
+        if not size:
+            self._selector.unregister(sock)
+            sock.close()
+            self._source_done = True
+            return
+        self._source_bytes += size
+        while (self._next_chunk < len(self._chunk_ends)
+               and self._source_bytes >= self._chunk_ends[self._next_chunk]):
+            for user, data in self._chunk_expected[self._next_chunk].items():
+                for client in self._connections_of.get(user, ()):
+                    self._queue(client, memoryview(data))
+            self._chunk_expected[self._next_chunk] = {}
+            self._next_chunk += 1
+        self._extend_idle_deadline()
+
+    def _queue(self, client: ReplayClient, data: memoryview) -> None:
+        if not client.outbox:
+            self._selector.modify(client.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                                  (self._serve_client, client))
+        client.outbox.append(data)
+
+    def _serve_client(self, client: ReplayClient, mask: int) -> None:
+        if mask & selectors.EVENT_READ and not self._read_client(client):
+            return
+        if mask & selectors.EVENT_WRITE and client.outbox:
+            self._write_client(client)
+
+    def _read_client(self, client: ReplayClient) -> bool:
+        """Read the id line, discard anything after it; False once the client is gone."""
+        try:
+            data = client.sock.recv(65536)
+        except BlockingIOError:
+            return True
+        except OSError:
+            data = b""
+        if not data:
+            self._selector.unregister(client.sock)
+            client.sock.close()
+            del self._clients[client.sock]
+            if client.user is not None:
+                self._connections_of[client.user].remove(client)
+            return False
+        if client.user is None:
+            client.hello += data
+            if b"\n" in client.hello:
+                client.user = int(client.hello.split(b"\n")[0].strip())
+                self._connections_of[client.user].append(client)
+        return True
+
+    def _write_client(self, client: ReplayClient) -> None:
+        view = client.outbox[0]
+        try:
+            sent = client.sock.send(view[:SEND_SIZE])
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            client.outbox.clear()  # the client went away: nothing left to send
+            sent = 0
+        if sent == len(view):
+            client.outbox.popleft()
+        elif sent:
+            client.outbox[0] = view[sent:]
+        if not client.outbox:
+            self._selector.modify(client.sock, selectors.EVENT_READ,
+                                  (self._serve_client, client))
+
+
+# ======================================================================================
+# Report
+#
+# Rules: built once, at the end, from keyword arguments; immutable afterwards. The text
+# lines and the JSON keys are an interface (benchmarks read them): add, never rename.
+# ======================================================================================
+
+
+@dataclass(frozen=True)
+class RunReport:
+    result: str  # "success" or "failure"
+    events: int
+    notifications: int
+    source_bytes: int
+    notification_bytes: int
+    seconds: float  # from the first source byte written to the last notification verified
+    events_per_second: float
+    notifications_per_second: float
+    cpu_seconds: float  # the tool's own CPU time (process time) during the run
+    mode: str
+    failures: tuple[str, ...] = ()
+
+    @classmethod
+    def measured(cls, *, events: int, notifications: int, source_bytes: int,
+                 notification_bytes: int, seconds: float, cpu_seconds: float, mode: str,
+                 failures: Sequence[str]) -> RunReport:
+        return cls(result="failure" if failures else "success", events=events,
+                   notifications=notifications, source_bytes=source_bytes,
+                   notification_bytes=notification_bytes, seconds=seconds,
+                   events_per_second=events / seconds if seconds > 0 else 0.0,
+                   notifications_per_second=notifications / seconds if seconds > 0 else 0.0,
+                   cpu_seconds=cpu_seconds, mode=mode, failures=tuple(failures))
+
+    @classmethod
+    def failed_early(cls, failure: str, cpu_seconds: float) -> RunReport:
+        """A run that failed before any event was sent (e.g. cannot connect)."""
+        return cls.measured(events=0, notifications=0, source_bytes=0, notification_bytes=0,
+                            seconds=0.0, cpu_seconds=cpu_seconds, mode="broker",
+                            failures=[failure])
+
+    def lines(self) -> list[str]:
+        return [
+            f"mode: {self.mode}",
+            f"events: {self.events}",
+            f"notifications: {self.notifications}",
+            f"bytes: {self.source_bytes + self.notification_bytes} "
+            f"(source {self.source_bytes}, notifications {self.notification_bytes})",
+            f"seconds: {self.seconds:.3f}",
+            f"events/s: {self.events_per_second:,.0f}",
+            f"notifications/s: {self.notifications_per_second:,.0f}",
+            f"tool cpu seconds: {self.cpu_seconds:.3f}",
+        ]
 
 
 def write_json(path: str, report: RunReport) -> None:
@@ -1254,26 +1506,33 @@ def write_json(path: str, report: RunReport) -> None:
         handle.write("\n")
 
 
+# ======================================================================================
+# Command line
+#
+# Rules: exit 0 with SUCCESS_LINE as the last line on success (a dry run has no success
+# line); exit 1 with FAILURE: lines on any failure; no traceback for a failed run.
+# ======================================================================================
+
+FAILURES_SHOWN = 10
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(argv)
     if config.serve_replay:
         return ReplayBroker(config).serve()
-    run = MazeRun(config)
     try:
-        report = run.run()
+        report = MazeRun(config).run()
     except MazeFailure as error:
-        report = RunReport("failure", 0, 0, 0, 0, 0.0, 0.0, 0.0, time.process_time(),
-                           "broker", [str(error)])
+        report = RunReport.failed_early(str(error), time.process_time())
     for line in report.lines():
         print(line)
     if config.json_path:
         write_json(config.json_path, report)
     if report.failures:
-        shown = report.failures[:10]
-        for failure in shown:
+        for failure in report.failures[:FAILURES_SHOWN]:
             print(f"FAILURE: {failure}")
-        if len(report.failures) > len(shown):
-            print(f"FAILURE: ... and {len(report.failures) - len(shown)} more")
+        if len(report.failures) > FAILURES_SHOWN:
+            print(f"FAILURE: ... and {len(report.failures) - FAILURES_SHOWN} more")
         return 1
     if config.dry_run:
         print("dry run: workload generated, nothing sent")
