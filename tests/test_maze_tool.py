@@ -49,39 +49,48 @@ class FakeBroker:
     notifications of one user), "terminator" (sends one notification with "\\n" instead of
     "\\r\\n"), "extra" (after the last event, sends one more line to one user), "stall"
     (stops reading the event source after a few kilobytes).
+
+    client_listeners > 1 serves clients on that many ports, all of one stream (like a
+    primary broker and its edges); ``accepted`` counts the clients each port got.
     """
 
-    def __init__(self, fault: str | None = None, total_events: int = 2000):
+    def __init__(self, fault: str | None = None, total_events: int = 2000,
+                 client_listeners: int = 1):
         self.fault = fault
         self.total_events = total_events
-        self.client_listener = socket.create_server(("127.0.0.1", 0))
+        self.client_listeners = [socket.create_server(("127.0.0.1", 0))
+                                 for _ in range(client_listeners)]
         self.event_listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if fault == "stall":
             # A small receive buffer makes the kernel push back on the source quickly.
             self.event_listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         self.event_listener.bind(("127.0.0.1", 0))
         self.event_listener.listen()
-        self.client_port = self.client_listener.getsockname()[1]
+        self.client_ports = [listener.getsockname()[1] for listener in self.client_listeners]
+        self.client_port = self.client_ports[0]
+        self.accepted = dict.fromkeys(self.client_ports, 0)
         self.event_port = self.event_listener.getsockname()[1]
         self.clients: dict[int, list[socket.socket]] = {}
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.notifications_sent = 0
         self.fault_done = False
-        self.threads = [threading.Thread(target=self._accept_clients, daemon=True),
-                        threading.Thread(target=self._serve_events, daemon=True)]
+        self.threads = [threading.Thread(target=self._serve_events, daemon=True)]
+        self.threads += [threading.Thread(target=self._accept_clients, args=(listener,),
+                                          daemon=True) for listener in self.client_listeners]
         for thread in self.threads:
             thread.start()
 
     def ports(self) -> list[str]:
         return ["--eventListenerPort", str(self.event_port),
-                "--clientListenerPort", str(self.client_port)]
+                "--clientListenerPort", ",".join(map(str, self.client_ports))]
 
     def close(self) -> None:
         self.stopping.set()
         for thread in self.threads:
             thread.join(5)
-        self.client_listener.close()
+        for listener in self.client_listeners:
+            listener.close()
         self.event_listener.close()
         with self.lock:
             for sockets in self.clients.values():
@@ -96,11 +105,12 @@ class FakeBroker:
 
     # -- clients ---------------------------------------------------------------------
 
-    def _accept_clients(self) -> None:
-        self.client_listener.settimeout(0.1)
+    def _accept_clients(self, listener: socket.socket) -> None:
+        listener.settimeout(0.1)
+        port = listener.getsockname()[1]
         while not self.stopping.is_set():
             try:
-                sock, _address = self.client_listener.accept()
+                sock, _address = listener.accept()
             except TimeoutError:
                 continue
             except OSError:
@@ -119,6 +129,7 @@ class FakeBroker:
             user = int(data.split(b"\n")[0].strip())
             with self.lock:
                 self.clients.setdefault(user, []).append(sock)
+                self.accepted[port] += 1
 
     # -- event source ----------------------------------------------------------------
 
@@ -283,6 +294,22 @@ def test_environment_variables_configure_the_run():
     assert "events: 500" in result.stdout
 
 
+def test_clients_are_spread_round_robin_over_several_client_ports(tmp_path):
+    report_path = tmp_path / "report.json"
+    with FakeBroker(client_listeners=3) as broker:
+        result = run_maze(*SMALL_RUN, *broker.ports(), "--json", str(report_path))
+        accepted = dict(broker.accepted)
+    assert result.returncode == 0, output_of(result)
+    assert SUCCESS_LINE in result.stdout.splitlines()
+    # 20 clients over 3 ports, in connection order: 7, 7, 6.
+    counts = dict(zip(broker.client_ports, [7, 7, 6], strict=True))
+    assert accepted == counts
+    report = json.loads(report_path.read_text())
+    assert report["clients_per_port"] == {str(port): count for port, count in counts.items()}
+    assert "clients per port: " + ", ".join(f"{port}: {count}" for port, count
+                                            in counts.items()) in result.stdout
+
+
 # -- failures ------------------------------------------------------------------------
 
 
@@ -325,25 +352,28 @@ def test_unreachable_broker_fails_clearly():
     result = run_maze(*SMALL_RUN, "--eventListenerPort", str(port),
                       "--clientListenerPort", str(port))
     assert result.returncode == 1
-    assert "cannot connect" in result.stdout
+    assert "cannot connect user" in result.stdout
+    assert f"127.0.0.1:{port}" in result.stdout
 
 
 def test_replay_broker_mode_serves_a_maze_run_with_the_same_settings():
     settings = ["--totalEvents", "5000", "--concurrencyLevel", "10", "--randomSeed", "3"]
     replay = subprocess.Popen(
         [sys.executable, str(MAZE_PATH), "--serve-replay", "--eventListenerPort", "0",
-         "--clientListenerPort", "0", "--timeout", "1000", *settings],
+         "--clientListenerPort", "0,0", "--timeout", "1000", *settings],
         cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         readable, _, _ = select.select([replay.stderr], [], [], 30)
         assert readable, "the replay broker did not start"
-        match = re.search(r"events=[^\s:]+:(\d+) clients=[^\s:]+:(\d+)",
-                          replay.stderr.readline())
+        match = re.search(r"events=[^\s:]+:(\d+) clients=(\S+)", replay.stderr.readline())
         assert match
+        client_ports = [address.rsplit(":", 1)[1] for address in match.group(2).split(",")]
+        assert len(client_ports) == 2
         result = run_maze(*SMALL_RUN, *settings, "--eventListenerPort", match.group(1),
-                          "--clientListenerPort", match.group(2))
+                          "--clientListenerPort", ",".join(client_ports))
         assert result.returncode == 0, output_of(result)
         assert SUCCESS_LINE in result.stdout
+        assert f"clients per port: {client_ports[0]}: 5, {client_ports[1]}: 5" in result.stdout
         assert replay.wait(30) == 0  # it exits once the source closed and all is sent
     finally:
         if replay.poll() is None:
@@ -413,7 +443,20 @@ def test_flags_win_over_environment_variables():
     assert config.seed == 9
     assert config.terminator == b"\n"
     defaults = maze.parse_config([], {})
+    assert defaults.client_ports == (9099,)
     assert (defaults.event_port, defaults.client_port, defaults.total_events,
             defaults.concurrency, defaults.users, defaults.seed, defaults.timeout_ms,
             defaults.max_batch, defaults.log_interval_ms) == (
         9090, 9099, 10_000_000, 100, 1000, 666, 20_000, 100, 1000)
+
+
+def test_client_ports_are_a_comma_separated_list_from_flag_or_environment():
+    assert maze.parse_config(["--clientListenerPort", "9099, 9101,9102"], {}).client_ports \
+        == (9099, 9101, 9102)
+    assert maze.parse_config([], {"clientListenerPort": "9101,9102"}).client_ports \
+        == (9101, 9102)
+    for bad in ("9099,", "port", "70000", "9099;9101"):
+        with pytest.raises(SystemExit):
+            maze.parse_config(["--clientListenerPort", bad], {})
+        with pytest.raises(SystemExit):
+            maze.parse_config([], {"clientListenerPort": bad})

@@ -61,7 +61,9 @@ DEFAULT_CHUNK_EVENTS = 20_000  # events generated per chunk
 class MazeConfig:
     host: str = "127.0.0.1"
     event_port: int = 9090
-    client_port: int = 9099
+    # Clients are spread over these ports round robin, in connection order: a primary
+    # broker and its edges serve the same stream, so one run verifies them all.
+    client_ports: tuple[int, ...] = (9099,)
     total_events: int = 10_000_000
     concurrency: int = 100
     users: int = 1000
@@ -82,23 +84,61 @@ class MazeConfig:
     serve_replay: bool = False
     json_path: str | None = None
 
+    @property
+    def client_port(self) -> int:
+        """The first client port (the only one unless several were given)."""
+        return self.client_ports[0]
 
-# (environment variable and flag name, config attribute, extra flag spellings, help)
+
+
+def parse_ports(text: str) -> tuple[int, ...]:
+    """Parse ``9099`` or ``9099,9101,9102`` (port numbers 0..65535)."""
+    ports = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item.isdigit() or not 0 <= int(item) <= 65535:
+            raise ValueError(f"{text!r} is not a port or a comma-separated list of ports")
+        ports.append(int(item))
+    return tuple(ports)
+
+
+# (environment variable and flag name, config attribute, extra flag spellings, how to
+# read the value, help)
 HARNESS_SETTINGS = [
-    ("eventListenerPort", "event_port", ["--event-port"], "event source port (9090)"),
-    ("clientListenerPort", "client_port", ["--client-port"], "user client port (9099)"),
-    ("totalEvents", "total_events", ["--total-events"], "events to send (10000000)"),
-    ("concurrencyLevel", "concurrency", ["--concurrency"], "connected user clients (100)"),
-    ("numberOfUsers", "users", ["--users"], "user ids 1..N in events (concurrencyLevel*10)"),
-    ("randomSeed", "seed", ["--seed"], "random seed; same settings give the same run (666)"),
-    ("timeout", "timeout_ms", ["--timeout-ms"],
+    ("eventListenerPort", "event_port", ["--event-port"], int, "event source port (9090)"),
+    ("clientListenerPort", "client_ports", ["--client-port"], parse_ports,
+     "user client port, or several separated by commas (e.g. 9099,9101): clients are "
+     "spread over them round robin (9099)"),
+    ("totalEvents", "total_events", ["--total-events"], int, "events to send (10000000)"),
+    ("concurrencyLevel", "concurrency", ["--concurrency"], int,
+     "connected user clients (100)"),
+    ("numberOfUsers", "users", ["--users"], int,
+     "user ids 1..N in events (concurrencyLevel*10)"),
+    ("randomSeed", "seed", ["--seed"], int,
+     "random seed; same settings give the same run (666)"),
+    ("timeout", "timeout_ms", ["--timeout-ms"], int,
      "ms a client waits for its next notification, and the source for the broker to read "
      "(20000)"),
-    ("maxEventSourceBatchSize", "max_batch", ["--max-batch"],
+    ("maxEventSourceBatchSize", "max_batch", ["--max-batch"], int,
      "the stream is cut into batches of random size 1..N, each shuffled; 1 = in order (100)"),
-    ("logInterval", "log_interval_ms", ["--log-interval-ms"],
+    ("logInterval", "log_interval_ms", ["--log-interval-ms"], int,
      "ms between progress lines on stderr, 0 = none (1000)"),
 ]
+
+
+def as_argument_type(read: Callable[[str], object]) -> Callable[[str], object]:
+    """``read`` for argparse: its ValueError becomes a usage error naming the problem."""
+    if read is int:
+        return int
+
+    def argument(text: str) -> object:
+        try:
+            return read(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    argument.__name__ = read.__name__
+    return argument
 
 # Settings given as plain flags; each one overrides the MazeConfig default if given.
 OPTIONAL_SETTINGS = ("max_follows", "grace_ms", "settle_ms", "max_backlog_bytes",
@@ -132,8 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Each harness setting is read from the environment variable of the same name; "
         "a flag wins over the environment.",
     )
-    for name, attribute, aliases, help_text in HARNESS_SETTINGS:
-        parser.add_argument("--" + name, *aliases, dest=attribute, type=int, help=help_text)
+    for name, attribute, aliases, read, help_text in HARNESS_SETTINGS:
+        parser.add_argument("--" + name, *aliases, dest=attribute, type=as_argument_type(read),
+                            help=help_text)
     parser.add_argument("--host", help="broker host (127.0.0.1)")
     parser.add_argument("--terminator", choices=["crlf", "lf"],
                         help="line terminator of event and id lines (crlf)")
@@ -175,13 +216,14 @@ def parse_config(argv: Sequence[str] | None = None,
     arguments = parser.parse_args(argv)
     config = MazeConfig()
     users_given = False
-    for name, attribute, _aliases, _help in HARNESS_SETTINGS:
+    for name, attribute, _aliases, read, _help in HARNESS_SETTINGS:
         value = getattr(arguments, attribute)
         if value is None and environ.get(name, "").strip():
             try:
-                value = int(environ[name])
-            except ValueError:
-                parser.error(f"environment variable {name}={environ[name]!r} is not an integer")
+                value = read(environ[name])
+            except ValueError as error:
+                detail = "is not an integer" if read is int else f"is invalid: {error}"
+                parser.error(f"environment variable {name}={environ[name]!r} {detail}")
         if value is not None:
             setattr(config, attribute, value)
             users_given = users_given or attribute == "users"
@@ -1160,7 +1202,7 @@ class MazeRun:
         verifier = Verifier(selector, config.max_backlog_bytes)
         sender = None
         try:
-            self._connect_clients(verifier)
+            clients_per_port = self._connect_clients(verifier)
             sender = SourceSender(self._connect_source(sink.port if sink else
                                                        config.event_port), selector)
             feed = WorkloadFeed(chunks, sender, verifier)
@@ -1193,6 +1235,7 @@ class MazeRun:
             mode=("sink" if sink else "broker")
             + (", pregenerated" if config.pregenerate else ", streaming"),
             failures=failures,
+            clients_per_port=clients_per_port,
         )
 
     def _chunks(self) -> Iterator[WorkloadChunk]:
@@ -1206,21 +1249,28 @@ class MazeRun:
                  f"{time.perf_counter() - started:.2f} s")
         return iter([whole])
 
-    def _connect_clients(self, verifier: Verifier) -> None:
+    def _connect_clients(self, verifier: Verifier) -> dict[int, int]:
+        """Connect every client, round robin over the client ports; clients per port."""
         config = self.config
+        clients_per_port = dict.fromkeys(config.client_ports, 0)
+        ports = itertools.cycle(config.client_ports)
         for user in self.generator.connected_users:
+            port = next(ports)
             try:
-                sock = socket.create_connection((config.host, config.client_port),
+                sock = socket.create_connection((config.host, port),
                                                 timeout=config.timeout_ms / 1000)
                 sock.sendall(self.generator.id_line(user))
             except OSError as error:
                 raise MazeFailure(f"cannot connect user {user} to client port "
-                                  f"{config.host}:{config.client_port}: {error}") from None
+                                  f"{config.host}:{port}: {error}") from None
             sock.setblocking(False)
             verifier.add(ClientStream(user, sock))
+            clients_per_port[port] += 1
         if verifier.streams:
-            # The broker must have read every id before the first event is dispatched.
+            # The broker (and every edge, which lags it) must have read every id before
+            # the first event is dispatched.
             time.sleep(config.settle_ms / 1000)
+        return clients_per_port
 
     def _connect_source(self, port: int) -> socket.socket:
         try:
@@ -1280,7 +1330,8 @@ class MazeRun:
 # maze itself. It regenerates the workload of a maze run with the same settings, reads
 # and discards the event stream and, each time the source bytes of a whole chunk have
 # arrived, queues that chunk's expected bytes to each connected user. No parsing, no
-# graph. It exits once the source has closed and every queued byte is sent.
+# graph. It serves clients on every --clientListenerPort, all of one stream. It exits
+# once the source has closed and every queued byte is sent.
 # ======================================================================================
 
 REPLAY_IDLE_SECONDS = 60  # beyond --timeout, how long it waits for a source or client
@@ -1326,14 +1377,19 @@ class ReplayBroker:
     def serve(self) -> int:
         config = self.config
         event_listener = socket.create_server((config.host, config.event_port))
-        client_listener = socket.create_server((config.host, config.client_port))
-        for listener, accept in ((event_listener, self._accept_source),
-                                 (client_listener, self._accept_client)):
+        client_listeners = [socket.create_server((config.host, port))
+                            for port in config.client_ports]
+        self._selector.register(event_listener, selectors.EVENT_READ,
+                                (self._accept_source, event_listener))
+        for listener in client_listeners:
+            self._selector.register(listener, selectors.EVENT_READ,
+                                    (self._accept_client, listener))
+        for listener in (event_listener, *client_listeners):
             listener.setblocking(False)
-            self._selector.register(listener, selectors.EVENT_READ, (accept, listener))
+        client_addresses = ",".join(f"{config.host}:{listener.getsockname()[1]}"
+                                    for listener in client_listeners)
         self.log(f"replay broker listening events={config.host}:"
-                 f"{event_listener.getsockname()[1]} clients={config.host}:"
-                 f"{client_listener.getsockname()[1]}")
+                 f"{event_listener.getsockname()[1]} clients={client_addresses}")
         self._extend_idle_deadline()
         try:
             while time.monotonic() < self._idle_deadline:
@@ -1346,8 +1402,8 @@ class ReplayBroker:
         finally:
             for sock in list(self._clients):
                 sock.close()
-            event_listener.close()
-            client_listener.close()
+            for listener in (event_listener, *client_listeners):
+                listener.close()
             self._selector.close()
         return 0
 
@@ -1467,17 +1523,20 @@ class RunReport:
     cpu_seconds: float  # the tool's own CPU time (process time) during the run
     mode: str
     failures: tuple[str, ...] = ()
+    clients_per_port: dict[int, int] = field(default_factory=dict)
 
     @classmethod
     def measured(cls, *, events: int, notifications: int, source_bytes: int,
                  notification_bytes: int, seconds: float, cpu_seconds: float, mode: str,
-                 failures: Sequence[str]) -> RunReport:
+                 failures: Sequence[str],
+                 clients_per_port: Mapping[int, int] | None = None) -> RunReport:
         return cls(result="failure" if failures else "success", events=events,
                    notifications=notifications, source_bytes=source_bytes,
                    notification_bytes=notification_bytes, seconds=seconds,
                    events_per_second=events / seconds if seconds > 0 else 0.0,
                    notifications_per_second=notifications / seconds if seconds > 0 else 0.0,
-                   cpu_seconds=cpu_seconds, mode=mode, failures=tuple(failures))
+                   cpu_seconds=cpu_seconds, mode=mode, failures=tuple(failures),
+                   clients_per_port=dict(clients_per_port or {}))
 
     @classmethod
     def failed_early(cls, failure: str, cpu_seconds: float) -> RunReport:
@@ -1487,8 +1546,11 @@ class RunReport:
                             failures=[failure])
 
     def lines(self) -> list[str]:
-        return [
-            f"mode: {self.mode}",
+        lines = [f"mode: {self.mode}"]
+        if self.clients_per_port:
+            lines.append("clients per port: " + ", ".join(
+                f"{port}: {count}" for port, count in self.clients_per_port.items()))
+        return lines + [
             f"events: {self.events}",
             f"notifications: {self.notifications}",
             f"bytes: {self.source_bytes + self.notification_bytes} "
