@@ -4,9 +4,9 @@
 One event source pushes a numbered, out-of-order stream of events; many user
 clients each represent one user. mbroker restores sequence order, keeps the
 follow graph, and forwards each event, byte for byte, to the clients it
-concerns. The behaviour contract is SPEC.md; README.md maps this file.
+concerns. The behaviour contract is docs/behaviour.md; README.md is the guide.
 
-    python mbroker.py [EVENT_PORT [CLIENT_PORT]]     # defaults 9090 9099
+    python3 mbroker.py [EVENT_PORT [CLIENT_PORT]]     # defaults 9090 9099
 
 The file is cut into sections, each opened by the rules it keeps:
 configuration, protocol, reorder buffer, exchange, transport, reactor,
@@ -16,6 +16,7 @@ stats and dashboard, command line. Only transport and reactor touch sockets.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import enum
 import errno
 import heapq
@@ -26,97 +27,189 @@ import selectors
 import signal
 import socket
 import sys
+import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 from itertools import compress
 
 __all__ = [
-    "BrokerConfig", "LineSplitter", "MalformedLine", "parse_event", "parse_user_id",
-    "ReorderBuffer", "Exchange", "EventPipeline", "CloseReason", "Broker", "main",
-    "render_dashboard", "LiveDashboard", "make_dashboard",
+    "BrokerConfig", "LineSplitter", "MalformedLine", "parse_event", "parse_hello",
+    "is_plain_event_text", "ReorderBuffer", "Exchange", "Subscriber", "EventPipeline",
+    "CloseReason", "Broker", "BrokerStats", "PortError", "running", "main",
+    "render_dashboard", "format_status_line", "make_dashboard",
 ]
 
 log = logging.getLogger("mbroker")
-
-# Sequence numbers and user ids may have any number of digits. CPython caps
-# int() at 4300 digits to stop quadratic parsing; --max-line already bounds
-# every field we parse, so the cap only gets in the way.
-sys.set_int_max_str_digits(0)
 
 
 # ============================================================================
 # Configuration
 #
-# Every limit the broker enforces lives here, with its default, and nowhere
-# else: the command line, the README and the tests all read these defaults.
+# Rules: every limit the broker enforces, on input, memory and time, lives
+# here with its default, once. The operator's options are the BrokerConfig
+# fields whose metadata carries help text: the command line is built from
+# that metadata, so --help, the defaults and the code cannot drift apart.
+# The other fields tune the core (tests and benchmarks set them); the fixed
+# limits are the constants below the class.
 # ============================================================================
 
 MIB = 1024 * 1024
 
 
+def option(default, help_text: str, *, positional: str | None = None):
+    """A BrokerConfig field that is also a command-line option."""
+    return field(default=default, metadata={"help": help_text, "positional": positional})
+
+
 @dataclass
 class BrokerConfig:
-    """Every tunable of the broker; field metadata doubles as --help text."""
+    """Every option and tunable of the broker, with its default."""
 
-    host: str = "127.0.0.1"
-    event_port: int = 9090
-    client_port: int = 9099
-    max_line: int = 4096
-    max_pending: int = 1_000_000
-    hello_timeout: float = 10.0
-    max_client_buffer: int = 16 * MIB
-    write_timeout: float = 10.0
-    max_buffered: int = 256 * MIB
-    drain_timeout: float = 5.0
-    max_follows: int = 10_000_000
-    # How much the source socket is read per wake-up; how many lines the core
-    # takes at a time (a slice's objects should stay in the CPU's cache); and
-    # how many lines are dispatched before output is flushed, one send per
-    # client, and the limits are checked again.
+    event_port: int = option(9090, "port the event source connects to (0: any free port)",
+                             positional="EVENT_PORT")
+    client_port: int = option(9099, "port user clients connect to (0: any free port)",
+                              positional="CLIENT_PORT")
+    host: str = option("127.0.0.1", "address to listen on (whoever reaches the event port "
+                                    "can publish to every user)")
+    max_line: int = option(4096, "longest event line in bytes before its newline; longer "
+                                 "ones are discarded")
+    max_pending: int = option(1_000_000, "reorder buffer size in events; past it the lowest "
+                                         "missing sequence numbers are declared lost")
+    hello_timeout: float = option(10.0, "seconds a new client has to send its user id")
+    max_client_buffer: int = option(16 * MIB, "bytes queued for one client before it is cut "
+                                              "off as a slow consumer")
+    write_timeout: float = option(10.0, "seconds a client may have bytes queued with none "
+                                        "written before it is cut off as a slow consumer")
+    max_buffered: int = option(256 * MIB, "bytes queued for all clients together before the "
+                                          "event source is paused (resumed below half)")
+    drain_timeout: float = option(5.0, "seconds to deliver queued notifications on "
+                                       "SIGINT/SIGTERM")
+    max_follows: int = option(10_000_000, "follow relations kept at most; new follows past "
+                                          "it are refused (counted as follows_refused)")
+    # Tuning of the core, not options. How much the source socket is read per
+    # wake-up; how many lines the core takes at a time (a slice's objects
+    # should stay in the CPU's cache); how many lines are dispatched before
+    # output is flushed (one send per client) and the limits checked again;
+    # and how many reorder slots a slice gets beyond twice its length, room
+    # for the events a shuffled batch sends early.
     read_size: int = 256 * 1024
     dispatch_slice: int = 1024
     flush_lines: int = 4096
+    reorder_slot_margin: int = 256
+    min_fanout_budget: int = 64 * 1024  # see fanout_budget
+
+    @property
+    def fanout_budget(self) -> int:
+        """Bytes of broadcasts and status updates queued between two flushes
+        before dispatch stops early: with thousands of clients, a slice of
+        broadcasts would otherwise queue gigabytes before --max-buffered is
+        checked again."""
+        return max(self.min_fanout_budget, self.max_buffered // FANOUT_BUDGET_SHARE)
+
+    def problem(self) -> str | None:
+        """What is wrong with these settings, in the operator's words; None if nothing."""
+        for item in fields(self):
+            value = getattr(self, item.name)
+            name = item.metadata.get("positional") or "--" + item.name.replace("_", "-")
+            if item.name.endswith("_port") and not 0 <= value <= 65535:
+                return f"{name} must be between 0 and 65535, not {value}"
+            if item.name.startswith("max_") and value < 1:
+                return f"{name} must be at least 1"
+            if item.name.endswith("_timeout") and not value > 0:  # also refuses nan
+                return f"{name} must be positive"
+        if self.event_port and self.event_port == self.client_port:
+            return f"EVENT_PORT and CLIENT_PORT must differ (both are {self.event_port})"
+        digits = sys.get_int_max_str_digits()
+        if digits and self.max_line > digits:
+            # Every number on a line must be parsable; this Python parses at
+            # most that many digits, and mbroker leaves its limit alone.
+            return (f"--max-line must be at most {digits} (the longest number this Python "
+                    f"parses; see sys.set_int_max_str_digits)")
+        return None
+
+
+DEFAULTS = BrokerConfig()
+
+MAX_HELLO_LINE = 64  # bytes of a client's first line, before its b"\n"
+MAX_USER_ID_DIGITS = 32
+FANOUT_BUDGET_SHARE = 8  # the fan-out budget's share of --max-buffered
+SKIPPED_RANGES_KEPT = 64  # lost ranges kept for one log summary; more merge into the last
+LOST_RANGES_KEPT = 1024  # lost ranges remembered to tell late arrivals from duplicates
+HEAP_SLACK = 1024  # stale numbers the reorder heap may hold beyond twice the live ones
+RECENTLY_CLOSED_KEPT = 32  # closed connections kept for the dashboard
+TERMINAL_MAX_PENDING = MIB  # text kept for a terminal that stopped reading; the rest is dropped
+LOG_BURST, LOG_WINDOW = 10, 5.0  # lines per kind of problem per window (seconds)
+HOUSEKEEPING_INTERVAL = 0.25  # seconds between timer runs; also bounds the select timeout
+ACCEPT_RETRY_DELAY = 0.5  # seconds accepting pauses after running out of descriptors
+ACCEPTS_PER_WAKEUP = 1024  # connections taken from one listener per wake-up
+CLIENT_READ_SIZE = 4096  # bytes read from a client per wake-up (its id, then discarded)
+LISTEN_BACKLOG = 1024
 
 
 # ============================================================================
 # Protocol
 #
-# Rules: bytes in, lines and parsed tuples out; no sockets, no clocks.
-# A line is everything before a b"\n"; a b"\r" before the b"\n" stays on the
-# line, because clients must receive exactly what the source sent. A line
-# longer than max_line is never buffered whole: the splitter drops bytes
-# until the next b"\n". Numbers are ASCII digits only (str.isdigit on bytes
-# is ASCII-only), compared as integers.
+# Rules: bytes in, lines and parsed tuples out; no sockets, and no clock but
+# the rate-limited log's, which tests replace. A line is everything before a
+# b"\n"; a b"\r" before the b"\n" stays on the line, because clients must
+# receive exactly what the source sent. A line longer than max_line is never
+# buffered whole: the splitter drops bytes until the next b"\n". Numbers are
+# ASCII digits only (bytes.isdigit is ASCII-only), compared as integers.
 # ============================================================================
 
 FOLLOW, UNFOLLOW, BROADCAST, PRIVATE, STATUS = b"F", b"U", b"B", b"P", b"S"
 FIELD_COUNTS = {FOLLOW: 4, UNFOLLOW: 4, PRIVATE: 4, STATUS: 3, BROADCAST: 2}
-# The type field as it appears on the wire, mapped to the canonical constant.
-KIND_FIELDS = {kind: kind for kind in FIELD_COUNTS}
-# The fast path splits lines without stripping the b"\r" first, so there a
+# The fast path splits lines without taking the b"\r" off first, so there a
 # broadcast's type field (its last) may still carry it.
 BROADCAST_FIELDS = {BROADCAST, BROADCAST + b"\r"}
 WIRE_FIELD_COUNTS = {**FIELD_COUNTS, BROADCAST + b"\r": 2}
 TARGETED_KINDS = {FOLLOW, PRIVATE}  # the types that notify TO alone
-# Bytes a well-formed chunk of events consists of, except b"\r". When a chunk
-# holds nothing else, every b"\r" sits right before a b"\n", no field is
-# empty and each line has at most one type letter, a line whose type field
-# checks out has only digits in its numbers: int() cannot meet a sign, a
-# space, an underscore, a stray b"\r", a letter or nothing, and so is exactly
-# as strict as the spec's "ASCII digits only" while costing one C call.
-PLAIN_EVENT_BYTES = b"0123456789|\nFUBPS"
-EMPTY_FIELD_MARKS = (b"||", b"|\n", b"|\r", b"\n|")
-# And no line may hold two type letters: with every letter mapped to b"L" and
-# all but letters and b"\n" deleted, b"LL" marks a line with a letter in a
-# number, which the hot path would otherwise take for a well-formed event.
-LETTERS_AS_L = bytes.maketrans(b"FUBPS", b"LLLLL")
-NOT_LETTERS = b"0123456789|\r"
 # A consumed malformed SEQ, as the exchange sees it: a split line of no type.
 NO_OP = (b"", b"")
-MAX_HELLO_LINE = 64
-MAX_USER_ID_DIGITS = 32
+
+_PLAIN_BYTES_BUT_CR = b"0123456789|\nFUBPS"
+_NEWLINE_AS_BAR = bytes.maketrans(b"\n", b"|")
+_LETTERS_TO_L = bytes.maketrans(b"FUBPS", b"LLLLL")
+_NOT_LETTER_OR_NEWLINE = b"0123456789|\r"
+
+
+def is_plain_event_text(text: bytes) -> bool:
+    """Whether text, whole lines each ended by b"\n", needs no strict parsing.
+
+    True when all of these hold:
+
+    1. text holds only ASCII digits, b"|", b"\r", b"\n" and the five type
+       letters F U B P S;
+    2. every b"\r" stands right before a b"\n";
+    3. no field is empty: with the b"\r"s deleted and each b"\n" read as a
+       b"|", no b"|" starts the text or follows another (so an empty line,
+       too, sends the text to the strict parser);
+    4. no line holds two type letters.
+
+    Why the fast path may then trust int(): it takes a line only when its
+    second field is a type letter (F U P S, or B or B\r as the last field)
+    and the field count is that type's. By (4) that letter is the line's
+    only one, so every other field holds digits, by (1), plus at most a
+    b"\r" at the very end of the line, by (2); by (3) it holds at least one
+    digit. int() accepts exactly that, since it ignores surrounding
+    whitespace and b"\r" is whitespace; and a field of digits and a final
+    b"\r" is a valid field, its b"\r" the terminator's. So int() meets no
+    sign, space, underscore, letter or empty field, and is exactly as strict
+    as the protocol's "ASCII digits only". Any line the fast path does not
+    take goes through parse_event.
+
+    Each rule is one or two C-level passes over the text (this runs once per
+    read, not per line).
+    """
+    stray = text.translate(None, _PLAIN_BYTES_BUT_CR)  # what remains: b"\r"s and strays
+    if not stray.count(b"\r") == len(stray) == text.count(b"\r\n"):
+        return False
+    fields = text.translate(_NEWLINE_AS_BAR, b"\r")
+    return (not fields.startswith(b"|") and b"||" not in fields
+            and b"LL" not in text.translate(_LETTERS_TO_L, _NOT_LETTER_OR_NEWLINE))
 
 
 class MalformedLine(ValueError):
@@ -131,49 +224,45 @@ class MalformedLine(ValueError):
 class LineSplitter:
     """Cuts a byte stream into lines (without their b"\\n") across any reads."""
 
-    __slots__ = ("discarding", "max_line", "overlong", "partial", "plain")
+    __slots__ = ("discarding", "max_line", "overlong", "partial")
 
-    def __init__(self, max_line: int = 4096):
+    def __init__(self, max_line: int = DEFAULTS.max_line):
         self.max_line = max_line
         self.partial = b""
         self.discarding = False  # inside an overlong line, dropping to its end
         self.overlong = 0  # lines dropped for length, ever
-        self.plain = True  # the last split's lines hold only plain event bytes
 
-    def split(self, data: bytes) -> list[bytes]:
+    def split(self, data: bytes) -> tuple[list[bytes], bool]:
+        """(the lines data completes, whether is_plain_event_text holds for them)."""
         if self.discarding:
             newline = data.find(b"\n")
             if newline < 0:
-                return []
+                return [], True
             data = data[newline + 1:]
             self.discarding = False
         if self.partial:
             data = self.partial + data
-        lines = data.split(b"\n")
-        tail = lines.pop()
-        # See PLAIN_EVENT_BYTES: the lines are plain when nothing but event
-        # bytes appear and every b"\r" ends a line (those in the unfinished
-        # tail are judged with the read that finishes it).
-        stray = data.translate(None, PLAIN_EVENT_BYTES)
-        self.plain = (
-            not stray
-            or stray.count(b"\r") == len(stray) == data.count(b"\r\n") + tail.count(b"\r")
-        ) and not data.startswith(b"|") and not any(mark in data for mark in EMPTY_FIELD_MARKS) \
-            and b"LL" not in data.translate(LETTERS_AS_L, NOT_LETTERS)
+        end = data.rfind(b"\n") + 1
+        tail = data[end:]
         if len(tail) > self.max_line:
             self.overlong += 1
             self.partial = b""
             self.discarding = True
         else:
             self.partial = tail
+        if not end:
+            return [], True
+        text = data[:end] if tail else data
+        lines = text.split(b"\n")
+        lines.pop()  # the empty string after the last b"\n"
         # Only a chunk longer than max_line can hold an overlong line, so the
         # common case pays one C-level max() and no Python loop.
         limit = self.max_line
-        if len(data) > limit and lines and max(map(len, lines)) > limit:
+        if end > limit and max(map(len, lines)) > limit:
             kept = [line for line in lines if len(line) <= limit]
             self.overlong += len(lines) - len(kept)
             lines = kept
-        return lines
+        return lines, is_plain_event_text(text)
 
     def reset(self) -> None:
         """Forget an unterminated line: a new connection never continues it."""
@@ -181,10 +270,14 @@ class LineSplitter:
         self.discarding = False
 
 
-def _parse_number(field: bytes, what: str, seq: int | None) -> int:
-    if not field.isdigit():
-        raise MalformedLine(seq, f"{what} is not a decimal number: {field[:40]!r}")
-    return int(field)
+def _parse_number(field_bytes: bytes, what: str, seq: int | None) -> int:
+    if not field_bytes.isdigit():
+        raise MalformedLine(seq, f"{what} is not a decimal number: {field_bytes[:40]!r}")
+    try:
+        return int(field_bytes)
+    except ValueError:  # longer than this Python's integer digit limit
+        raise MalformedLine(seq, f"{what} has {len(field_bytes)} digits, more than this "
+                                 f"Python parses") from None
 
 
 def parse_event(line: bytes) -> tuple[int, bytes, int | None, int | None]:
@@ -195,18 +288,17 @@ def parse_event(line: bytes) -> tuple[int, bytes, int | None, int | None]:
     """
     body = line[:-1] if line[-1:] == b"\r" else line
     parts = body.split(b"|")
-    seq_field = parts[0]
-    if not seq_field.isdigit():
+    if not parts[0].isdigit():
         raise MalformedLine(None, f"no valid sequence number in {line[:60]!r}")
-    seq = int(seq_field)
+    seq = _parse_number(parts[0], "SEQ", None)
     if seq == 0:
         raise MalformedLine(None, "sequence number 0: numbers start at 1")
     if len(parts) < 2:
         raise MalformedLine(seq, "no event type")
-    kind = KIND_FIELDS.get(parts[1])
-    if kind is None:
-        raise MalformedLine(seq, f"unknown event type {parts[1][:20]!r}")
-    expected = FIELD_COUNTS[kind]
+    kind = parts[1]
+    expected = FIELD_COUNTS.get(kind)
+    if expected is None:
+        raise MalformedLine(seq, f"unknown event type {kind[:20]!r}")
     if len(parts) != expected:
         raise MalformedLine(seq, f"type {kind.decode()} takes {expected} fields, got {len(parts)}")
     if expected == 2:
@@ -217,13 +309,18 @@ def parse_event(line: bytes) -> tuple[int, bytes, int | None, int | None]:
     return seq, kind, from_user, _parse_number(parts[3], "TO", seq)
 
 
-def parse_user_id(line: bytes) -> int:
-    """A client's hello line (no b"\\n") to its user id; ValueError if invalid."""
+def parse_hello(received: bytes) -> int | None:
+    """A client's first bytes to its user id: None while its line is not
+    complete, ValueError once it cannot be a valid id line."""
+    newline = received.find(b"\n")
+    line = received if newline < 0 else received[:newline]
     if len(line) > MAX_HELLO_LINE:
         raise ValueError(f"hello line over {MAX_HELLO_LINE} bytes")
+    if newline < 0:
+        return None
     text = line.strip(b" \t\r")
     if not text.isdigit():
-        raise ValueError(f"user id is not a decimal number: {text[:MAX_HELLO_LINE]!r}")
+        raise ValueError(f"user id is not a decimal number: {text!r}")
     if len(text) > MAX_USER_ID_DIGITS:
         raise ValueError(f"user id longer than {MAX_USER_ID_DIGITS} digits")
     return int(text)
@@ -234,8 +331,8 @@ class RateLimitedLog:
     counted and summarised on the next line that gets through, so a flood of
     bad input cannot flood the log or slow the loop."""
 
-    def __init__(self, logger: logging.Logger, burst: int = 10, window: float = 5.0,
-                 clock=time.monotonic):
+    def __init__(self, logger: logging.Logger, burst: int = LOG_BURST,
+                 window: float = LOG_WINDOW, clock=time.monotonic):
         self.logger = logger
         self.burst = burst
         self.window = window
@@ -269,60 +366,63 @@ class RateLimitedLog:
 # ============================================================================
 # Reorder buffer
 #
-# Rules: hands out items strictly in sequence order, each SEQ at most once.
-# Memory is bounded by max_pending: past it, the lowest gap is declared lost
-# (one range, however wide) and delivery resumes. Numbers below next_seq are
-# duplicates (or late arrivals of lost numbers) and are dropped.
+# Rules: hands out items strictly in sequence order, each SEQ at most once,
+# and is the only keeper of the sequence state (next, highest, pending, the
+# counters). Memory is bounded by max_pending: past it, the lowest gap is
+# declared lost (one range, however wide) and delivery resumes. Numbers below
+# next_seq are duplicates (or late arrivals of lost numbers) and are dropped.
+# One routine, _release_from, hands out a run of consecutive numbers.
 # ============================================================================
 
 
 class ReorderBuffer:
-    __slots__ = ("next_seq", "highest_seq", "pending", "max_pending", "largest_depth",
-                 "duplicates", "late", "skipped", "skipped_ranges", "_lowest_heap",
-                 "_lost_below")
+    """Others read next_seq, highest_seq, largest_depth and the counters;
+    only this class writes them."""
 
-    def __init__(self, max_pending: int = 1_000_000, first_seq: int = 1):
+    __slots__ = ("next_seq", "highest_seq", "max_pending", "slot_margin", "largest_depth",
+                 "duplicates", "late", "skipped", "_pending", "_lowest_heap", "_lost_ranges",
+                 "_unlogged_skips", "_unlogged_duplicates")
+
+    def __init__(self, max_pending: int = DEFAULTS.max_pending, first_seq: int = 1,
+                 slot_margin: int = DEFAULTS.reorder_slot_margin):
         if max_pending < 1:
             raise ValueError("max_pending must be at least 1")
         self.max_pending = max_pending
+        self.slot_margin = slot_margin
         self.next_seq = first_seq
         self.highest_seq = 0
-        self.pending: dict[int, object] = {}
         self.largest_depth = 0
         self.duplicates = 0
         self.late = 0  # numbers that arrived after being declared lost
         self.skipped = 0  # numbers declared lost, in total
-        # Ranges declared lost and not yet logged: the pipeline takes them after
-        # each slice. Past 64, new ranges merge into the last entry, so one
-        # huge slice of gaps costs a bounded list and a bounded log.
-        self.skipped_ranges: list[tuple[int, int]] = []
+        self._pending: dict[int, object] = {}
         # The lowest pending SEQ is only needed when the buffer overflows, so
         # a heap of pending numbers is kept only while it is nearly full.
         self._lowest_heap: list[int] | None = None
-        self._lost_below: list[tuple[int, int]] = []  # ranges declared lost
+        self._lost_ranges: list[tuple[int, int]] = []  # to tell late from duplicate
+        self._unlogged_skips: list[tuple[int, int]] = []  # see take_skipped_ranges
+        self._unlogged_duplicates: list[int] = []  # [count, lowest, highest] or empty
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def has_seen(self, seq: int) -> bool:
+        """Whether seq was released, declared lost, or is waiting."""
+        return seq < self.next_seq or seq in self._pending
 
     def push(self, seq: int, item) -> list:
         """Offer one item; returns the items now deliverable, in order."""
         if seq > self.highest_seq:
             self.highest_seq = seq
-        next_seq = self.next_seq
-        if seq == next_seq:
-            pending = self.pending
-            if not pending:
+        if seq == self.next_seq:
+            if not self._pending:
                 self.next_seq = seq + 1
                 return [item]
-            ready = [item]
-            seq += 1
-            while seq in pending:
-                ready.append(pending.pop(seq))
-                seq += 1
-            self.next_seq = seq
-            self._relax_heap()
-            return ready
-        if seq < next_seq or seq in self.pending:
-            self.count_resent(seq)
+            return self._release_from(seq + 1, [item])
+        pending = self._pending
+        if seq < self.next_seq or seq in pending:
+            self._count_resent(seq)
             return []
-        pending = self.pending
         pending[seq] = item
         depth = len(pending)
         if depth > self.largest_depth:
@@ -330,72 +430,158 @@ class ReorderBuffer:
         heap = self._lowest_heap
         if heap is not None:
             heapq.heappush(heap, seq)
-            # Delivered numbers stay in the heap until an overflow pops them;
-            # rebuild before they outnumber the live ones, or it grows forever.
-            if len(heap) > 2 * depth + 1024:
-                self._lowest_heap = list(pending)
-                heapq.heapify(self._lowest_heap)
+            if self._heap_is_stale():
+                self._rebuild_heap()
         elif depth * 2 >= self.max_pending:
-            self._lowest_heap = list(pending)
-            heapq.heapify(self._lowest_heap)
+            self._rebuild_heap()
         if depth > self.max_pending:
             return self._skip_lowest_gap()
         return []
 
-    def count_resent(self, seq: int) -> None:
+    def push_slice(self, seqs: list[int], items: list) -> list:
+        """Offer many items at once (seqs[i] numbers items[i]); returns the
+        items now deliverable, in order: the same as push() one by one.
+
+        The fast path: each item goes into a list slot by its distance from
+        next_seq, and the run of consecutive numbers then leaves with one
+        C-level index() and slice instead of a dict pop per item. While many
+        items wait (a stalled gap, or the buffer filling up), push() one by
+        one, with its overflow handling, takes over.
+        """
+        count = len(seqs)
+        if not count:
+            return []
+        pending = self._pending
+        span = 2 * count + self.slot_margin
+        if self._lowest_heap is not None or len(pending) > 4 * span or \
+                (len(pending) + count) * 4 >= self.max_pending:
+            ready = []
+            for seq, item in zip(seqs, items, strict=True):
+                ready += self.push(seq, item)
+            return ready
+        base = self.next_seq
+        slots: list = [None] * span
+        if pending:  # what earlier slices left waiting: a few, or a wide batch's worth
+            for seq in [seq for seq in pending if seq < base + span]:
+                slots[seq - base] = pending.pop(seq)
+        for seq, item in zip(seqs, items, strict=True):
+            index = seq - base
+            if 0 <= index < span:
+                if slots[index] is None:
+                    slots[index] = item
+                else:
+                    self._count_resent(seq)
+            elif index < 0 or pending.setdefault(seq, item) is not item:
+                self._count_resent(seq)
+        try:
+            ready = slots.index(None)
+        except ValueError:  # every slot filled: the run may go on in pending
+            ready = span
+        waiting = slots[ready:]
+        if waiting.count(None) != len(waiting):
+            numbers = range(base + ready, base + span)
+            pending.update(compress(zip(numbers, waiting, strict=True), waiting))
+        del slots[ready:]
+        released = self._release_from(base + ready, slots)
+        # What this slice brought is now released, waiting, or was a resend
+        # of a lower number; so the highest number seen is one of those.
+        highest = max(pending) if pending else self.next_seq - 1
+        if highest > self.highest_seq:
+            self.highest_seq = highest
+        if len(pending) > self.largest_depth:
+            self.largest_depth = len(pending)
+        return released
+
+    def advance_to(self, seq: int) -> None:
+        """Everything below seq was handled elsewhere (a log being replayed):
+        go on from seq, dropping what waits below it."""
+        if seq <= self.next_seq:
+            return
+        self._pending = {number: item for number, item in self._pending.items()
+                         if number >= seq}
+        self._lowest_heap = None
+        self.next_seq = seq
+        if seq - 1 > self.highest_seq:
+            self.highest_seq = seq - 1
+
+    def take_skipped_ranges(self) -> list[tuple[int, int]]:
+        """Ranges declared lost since the last call, for the log. Past
+        SKIPPED_RANGES_KEPT, new ranges merge into the last one, so one huge
+        slice of gaps costs a bounded list and a bounded log."""
+        ranges, self._unlogged_skips = self._unlogged_skips, []
+        return ranges
+
+    def take_duplicates(self) -> tuple[int, int, int] | None:
+        """(count, lowest, highest) of the duplicates dropped since the last
+        call, for the log; None when there were none."""
+        if not self._unlogged_duplicates:
+            return None
+        count, lowest, highest = self._unlogged_duplicates
+        self._unlogged_duplicates = []
+        return count, lowest, highest
+
+    # -- internals -----------------------------------------------------------
+
+    def _release_from(self, seq: int, ready: list) -> list:
+        """Append the waiting run seq, seq+1, ... to ready; next_seq follows it."""
+        pending = self._pending
+        while seq in pending:
+            ready.append(pending.pop(seq))
+            seq += 1
+        self.next_seq = seq
+        if self._lowest_heap is not None and len(pending) * 4 < self.max_pending:
+            self._lowest_heap = None
+        return ready
+
+    def _count_resent(self, seq: int) -> None:
         """Count a number that was delivered, is waiting, or was declared lost."""
-        if seq < self.next_seq and self._was_lost(seq):
+        if seq < self.next_seq and any(first <= seq <= last
+                                       for first, last in reversed(self._lost_ranges)):
             self.late += 1
+            return
+        self.duplicates += 1
+        unlogged = self._unlogged_duplicates
+        if not unlogged:
+            self._unlogged_duplicates = [1, seq, seq]
         else:
-            self.duplicates += 1
+            unlogged[0] += 1
+            if seq < unlogged[1]:
+                unlogged[1] = seq
+            elif seq > unlogged[2]:
+                unlogged[2] = seq
 
     def _skip_lowest_gap(self) -> list:
         lowest = self._lowest_pending()
         first_lost, last_lost = self.next_seq, lowest - 1
         self.skipped += lowest - first_lost
-        ranges = self.skipped_ranges
-        if len(ranges) < 64:
+        ranges = self._unlogged_skips
+        if len(ranges) < SKIPPED_RANGES_KEPT:
             ranges.append((first_lost, last_lost))
         else:
             ranges[-1] = (ranges[-1][0], last_lost)
-        self._remember_lost(first_lost, last_lost)
-        self.next_seq = lowest
-        pending = self.pending
-        ready = []
-        seq = lowest
-        while seq in pending:
-            ready.append(pending.pop(seq))
-            seq += 1
-        self.next_seq = seq
-        self._relax_heap()
-        return ready
+        # Lost ranges are remembered (a bounded number of them) only to tell a
+        # late arrival from a true duplicate in the counters.
+        self._lost_ranges.append((first_lost, last_lost))
+        if len(self._lost_ranges) > LOST_RANGES_KEPT:
+            del self._lost_ranges[:LOST_RANGES_KEPT // 2]
+        return self._release_from(lowest, [])
 
     def _lowest_pending(self) -> int:
-        heap = self._lowest_heap
-        pending = self.pending
-        if heap is None or len(heap) > 2 * len(pending) + 1024:
-            heap = self._lowest_heap = list(pending)
-            heapq.heapify(heap)
+        if self._lowest_heap is None or self._heap_is_stale():
+            self._rebuild_heap()
+        heap, pending = self._lowest_heap, self._pending
         while heap[0] not in pending:
             heapq.heappop(heap)
         return heap[0]
 
-    def _relax_heap(self) -> None:
-        if self._lowest_heap is not None and len(self.pending) * 4 < self.max_pending:
-            self._lowest_heap = None
+    def _heap_is_stale(self) -> bool:
+        # Released numbers stay in the heap until an overflow pops them;
+        # rebuild before they outnumber the live ones, or it grows forever.
+        return len(self._lowest_heap) > 2 * len(self._pending) + HEAP_SLACK
 
-    # Lost ranges are remembered (a bounded number of them) only to tell a
-    # late arrival from a true duplicate in the counters.
-    def _remember_lost(self, first: int, last: int) -> None:
-        self._lost_below.append((first, last))
-        if len(self._lost_below) > 1024:
-            del self._lost_below[:512]
-
-    def _was_lost(self, seq: int) -> bool:
-        return any(first <= seq <= last for first, last in reversed(self._lost_below))
-
-    def __len__(self) -> int:
-        return len(self.pending)
+    def _rebuild_heap(self) -> None:
+        self._lowest_heap = list(self._pending)
+        heapq.heapify(self._lowest_heap)
 
 
 # ============================================================================
@@ -403,29 +589,48 @@ class ReorderBuffer:
 #
 # Rules: the follow graph and the routing table, applied strictly in
 # sequence order. Follow state is kept for every user, connected or not.
-# A subscriber is any object with a `lines` list: dispatch appends the raw
-# line to it and records the subscriber in `touched`, and the transport turns
-# the lines into bytes later, so many notifications leave in one send.
+# A subscriber is any object with a `lines` list and a write(data, count)
+# method: dispatch appends the raw line to `lines` and records the
+# subscriber as touched; take_output() later joins each touched subscriber's
+# lines into one buffer, so many notifications leave in one send.
+# EventPipeline.dispatch is the one driver of the core: the reactor, the
+# benchmarks and the tests all call it.
 # ============================================================================
+
+Output = list[tuple[object, bytes, int]]  # (subscriber, bytes, notifications)
 
 
 class Subscriber:
-    """An in-memory subscriber, for tests and benchmarks: it only collects."""
+    """An in-memory subscriber, for tests, benchmarks and play: it collects."""
 
-    __slots__ = ("user_id", "lines")
+    __slots__ = ("user_id", "lines", "received")
 
     def __init__(self, user_id: int):
         self.user_id = user_id
-        self.lines: list[bytes] = []
+        self.lines: list[bytes] = []  # dispatched, not yet taken by take_output()
+        self.received = bytearray()  # what write() was handed
+
+    def write(self, data: bytes, count: int) -> None:
+        self.received += data
 
     def take_bytes(self) -> bytes:
-        """What the transport would send: every queued line plus b"\\n"."""
-        lines, self.lines = self.lines, []
-        return b"".join(line + b"\n" for line in lines)
+        """Everything dispatched to this subscriber since the last call, as
+        the transport would send it: each line plus b"\\n"."""
+        data = bytes(self.received) + b"".join(line + b"\n" for line in self.lines)
+        self.received.clear()
+        self.lines = []
+        return data
+
+
+def write_output(output: Output) -> bool:
+    """Hand each subscriber its bytes; the simplest deliver() for dispatch()."""
+    for subscriber, data, count in output:
+        subscriber.write(data, count)
+    return True
 
 
 class Exchange:
-    def __init__(self, max_follows: int = 10_000_000):
+    def __init__(self, max_follows: int = DEFAULTS.max_follows):
         self.max_follows = max_follows
         # The follow graph by follower, for every user; and, for status
         # updates, an index of only the followers that are connected: a status
@@ -434,10 +639,9 @@ class Exchange:
         self.watchers: dict[int, set[int]] = {}  # followed user -> connected followers
         self.follow_count = 0
         self.follows_refused = 0
-        self.routes: dict[int, list] = {}  # user id -> its connected subscribers
-        self.connected_users: set[int] = set()  # the keys of routes, as a set
+        self.routes: dict[int, list] = {}  # connected user id -> its subscribers
         self.subscribers: dict[object, None] = {}  # every registered subscriber
-        self.touched: set = set()  # subscribers with lines since the last flush
+        self.touched: set = set()  # subscribers with lines since the last take_output
         self.notifications = 0
         self.dispatched = 0
         self.queued_fanout = 0  # bytes broadcasts and status updates queued since take_output
@@ -448,7 +652,6 @@ class Exchange:
         same_user = self.routes.get(user_id)
         if same_user is None:
             same_user = self.routes[user_id] = []
-            self.connected_users.add(user_id)
             for followed in self.following.get(user_id, ()):
                 self._watch(followed, user_id)
         same_user.append(subscriber)
@@ -463,7 +666,6 @@ class Exchange:
             same_user.remove(subscriber)
             if not same_user:
                 del self.routes[user_id]
-                self.connected_users.discard(user_id)
                 for followed in self.following.get(user_id, ()):
                     self._unwatch(followed, user_id)
         self.touched.discard(subscriber)
@@ -496,22 +698,21 @@ class Exchange:
         The line is kept split rather than parsed into a tuple: most events
         reach nobody, so a user id is parsed only when the type needs it and
         the line is joined back only when somebody is notified. A line's last
-        field may carry the b"\\r" of its terminator: int() ignores it, and the
-        joined line is the exact line the source sent. NO_OP stands for a consumed malformed SEQ.
-        The pipeline hands over a whole slice at once, so this loop, not a
-        call per event, is the hot path.
+        field may carry the b"\\r" of its terminator: int() ignores it (see
+        is_plain_event_text), and the joined line is the exact line the source
+        sent. NO_OP stands for a consumed malformed SEQ. The pipeline hands
+        over a whole slice at once, so this loop, not a call per event, is
+        the hot path.
 
         budget bounds the bytes that broadcasts and status updates queue
         between two take_output() calls: once they pass it, the rest of the
         events are returned, not applied, so the caller can send what is
         queued and check its limits first. (The other types queue one line per
-        connection of one user, which the caller's lines between flushes
-        already bound.)
+        connection of one user, which the lines between flushes already bound.)
         """
         following = self.following
         watchers = self.watchers
         routes = self.routes
-        connected_users = self.connected_users
         touch = self.touched.add
         delivered = 0
         fanout_bytes = self.queued_fanout
@@ -532,7 +733,7 @@ class Exchange:
                                 followed = following[from_user] = set()
                             followed.add(to_user)
                             self.follow_count += 1
-                            if from_user in connected_users:
+                            if from_user in routes:
                                 self._watch(to_user, from_user)
                         else:
                             # Refused before any set is made: a refused follow
@@ -556,7 +757,7 @@ class Exchange:
                             target.lines.append(raw)
                             touch(target)
                         delivered += len(targets)
-                    fanout_bytes += (delivered - reached) * len(raw)
+                    fanout_bytes += (delivered - reached) * (len(raw) + 1)  # + b"\n"
                     if fanout_bytes > budget:
                         held = list(remaining)
                         break
@@ -570,7 +771,7 @@ class Exchange:
                         self.follow_count -= 1
                         if not followed:
                             del following[from_user]
-                        if from_user in connected_users:
+                        if from_user in routes:
                             self._unwatch(to_user, from_user)
             elif kind in BROADCAST_FIELDS:
                 raw = b"|".join(split_line)
@@ -579,7 +780,7 @@ class Exchange:
                     target.lines.append(raw)
                 self.touched.update(subscribers)
                 delivered += len(subscribers)
-                fanout_bytes += len(subscribers) * len(raw)
+                fanout_bytes += len(subscribers) * (len(raw) + 1)
                 if fanout_bytes > budget:
                     held = list(remaining)
                     break
@@ -588,10 +789,10 @@ class Exchange:
         self.queued_fanout = fanout_bytes
         return held
 
-    def take_output(self) -> list[tuple[object, bytes, int]]:
+    def take_output(self) -> Output:
         """(subscriber, bytes, notifications) for each subscriber touched since
         the last call: its new lines joined into one buffer, each line with
-        the b"\n" the splitter took off, so it can leave in one send."""
+        the b"\\n" the splitter took off, so it can leave in one send."""
         touched = self.touched
         self.queued_fanout = 0
         if not touched:
@@ -615,30 +816,28 @@ class Exchange:
 class EventPipeline:
     """Bytes from the event source in, dispatched events out.
 
-    `receive` splits bytes into lines and queues them; `run` parses, reorders
-    and dispatches up to a budget of lines, so the reactor can flush output
-    and check its limits between slices. `feed` does both, for tests.
+    receive() splits bytes into lines and queues them; dispatch() parses,
+    reorders and applies them in slices, handing the output to the caller
+    between slices so it can send and check its limits.
     """
 
-    def __init__(self, exchange: Exchange, max_line: int = 4096,
-                 max_pending: int = 1_000_000, problems: RateLimitedLog | None = None,
-                 fanout_budget: int | None = None):
+    def __init__(self, exchange: Exchange, config: BrokerConfig = DEFAULTS,
+                 problems: RateLimitedLog | None = None):
         self.exchange = exchange
-        self.splitter = LineSplitter(max_line)
-        self.reorder = ReorderBuffer(max_pending)
+        self.splitter = LineSplitter(config.max_line)
+        self.reorder = ReorderBuffer(config.max_pending, slot_margin=config.reorder_slot_margin)
         self.problems = problems or RateLimitedLog(log)
+        self.slice_lines = config.dispatch_slice
+        self.flush_lines = config.flush_lines
+        self.fanout_budget = config.fanout_budget
         self.events_in = 0  # lines with a valid SEQ
         self.malformed = 0  # valid SEQ, rest unparsable: consumed as no-op
         self.unsequenced = 0  # no valid SEQ: dropped
-        self._backlog: list[bytes] = []
-        self._backlog_clean = True  # see PLAIN_EVENT_BYTES
-        self._held: list = []  # in-order events the exchange held back (see run)
-        self.fanout_budget = fanout_budget
-        # _run_plain's slots reach this far past twice the slice: room for the
-        # events a shuffled batch sends early. Later ones wait in the dict.
-        self.slot_margin = 256
-        self._position = 0
-        self._overlong_seen = 0
+        self._backlog: list[bytes] = []  # lines received, not yet dispatched
+        self._backlog_plain = True  # is_plain_event_text held for every one
+        self._position = 0  # the backlog's first line not yet dispatched
+        self._held: list = []  # in-order events the exchange held back (see dispatch)
+        self._overlong_logged = 0
         self._skipped_logged = 0
 
     @property
@@ -646,62 +845,76 @@ class EventPipeline:
         return self.splitter.overlong
 
     @property
-    def holding(self) -> bool:
-        """Events are held back because the fan-out budget is spent: flush first."""
-        return bool(self._held)
-
-    @property
     def backlog(self) -> int:
+        """Lines received and not yet dispatched."""
         return len(self._backlog) - self._position
 
     def receive(self, data: bytes) -> None:
-        lines = self.splitter.split(data)
-        if self.splitter.overlong != self._overlong_seen:
-            self._overlong_seen = self.splitter.overlong
+        lines, plain = self.splitter.split(data)
+        if self.splitter.overlong != self._overlong_logged:
+            self._overlong_logged = self.splitter.overlong
             self.problems.warning(
                 "overlong", "event line longer than --max-line=%d bytes discarded (%d so far)",
-                self.splitter.max_line, self._overlong_seen)
+                self.splitter.max_line, self._overlong_logged)
         if not lines:
             return
-        clean = self.splitter.plain
         if self._position < len(self._backlog):
             self._backlog = self._backlog[self._position:] + lines
-            self._backlog_clean = self._backlog_clean and clean
+            self._backlog_plain = self._backlog_plain and plain
         else:
             self._backlog = lines
-            self._backlog_clean = clean
+            self._backlog_plain = plain
         self._position = 0
 
     def end_of_stream(self) -> None:
         """The source went away: its unterminated last line is discarded."""
         self.splitter.reset()
 
-    def run(self, max_lines: int | None = None) -> bool:
-        """Dispatch queued lines, at most max_lines; True when none are left.
+    def dispatch(self, deliver: Callable[[Output], bool] = write_output) -> bool:
+        """Dispatch every queued line, handing the output to deliver().
 
-        Also stops early once the slice's broadcasts and status updates have
-        queued fanout_budget bytes: the events already taken from the reorder
-        buffer but not applied are held, and go first on the next call.
+        Lines go through in slices of dispatch_slice; every flush_lines lines,
+        once the slice's broadcasts and status updates have queued
+        fanout_budget bytes, and at the end, deliver() gets
+        exchange.take_output(). It returns False to stop (the caller is over
+        its limits); events already taken from the reorder buffer then wait,
+        held, and go first on the next call. Returns deliver()'s last answer.
         """
-        if self._held:
-            held, self._held = self._held, []
-            self._apply(held)
+        unflushed = 0
+        proceed = True
+        while self._held or self._position < len(self._backlog):
             if self._held:
-                return False
-        lines = self._backlog
-        start = self._position
-        end = len(lines) if max_lines is None else min(len(lines), start + max_lines)
-        if self._backlog_clean:
-            self._run_plain(lines, start, end)
+                held, self._held = self._held, []
+                self._apply(held)
+            else:
+                start = self._position
+                end = min(len(self._backlog), start + self.slice_lines)
+                lines = self._backlog[start:end]
+                self._position = end
+                if end == len(self._backlog):
+                    self._backlog = []
+                    self._position = 0
+                if self._backlog_plain:
+                    self._dispatch_plain(lines)
+                else:
+                    self._dispatch_strictly(lines)
+                unflushed += end - start
+            if unflushed >= self.flush_lines or self._held:
+                unflushed = 0
+                proceed = deliver(self.exchange.take_output())
+                if not proceed:
+                    break
         else:
-            self._run_strict(lines, start, end)
-        if end >= len(lines):
-            self._backlog = []
-            self._position = 0
-        else:
-            self._position = end
-        self._log_skips()
-        return not self._backlog and not self._held
+            proceed = deliver(self.exchange.take_output())
+        self._log_sequence_problems()
+        return proceed
+
+    def feed(self, data: bytes) -> None:
+        """receive() and dispatch() to subscribers' write(): for tests and play."""
+        self.receive(data)
+        self.dispatch()
+
+    # -- internals -----------------------------------------------------------
 
     def _apply(self, events: list) -> None:
         """Hand in-order events to the exchange, keeping what it holds back."""
@@ -710,100 +923,60 @@ class EventPipeline:
         elif events:
             self._held = self.exchange.apply(events, self.fanout_budget)
 
-    def _run_plain(self, lines: list[bytes], start: int, end: int) -> None:
-        """The hot path, for chunks of plain event bytes (see PLAIN_EVENT_BYTES).
+    def _dispatch_plain(self, lines: list[bytes]) -> None:
+        """The hot path, for lines of plain event text (see is_plain_event_text).
 
-        Each event of the slice is put in a list slot by its distance from
-        the next expected SEQ, and the slice's run of consecutive numbers is
-        then taken out with one C-level index() and slice: the same result as
-        releasing event by event, since nothing else happens in between, for
-        a fraction of the work. This loop runs once per event, so each
-        bytecode in it is paid millions of times a second; anything unusual
-        goes through _odd_line. While many events wait (a stalled gap), the
-        strict path's event-by-event release, with its overflow handling,
-        takes over.
+        This loop runs once per event, so each bytecode in it is paid millions
+        of times a second: a line is split and its type and field count
+        checked; the slice's SEQs are then parsed by C-level map() calls, and
+        the slice goes to the reorder buffer at once. Any other line (empty,
+        malformed) goes through the strict parser, after the events before
+        it, so the counters see what the strict path would.
         """
-        reorder = self.reorder
-        pending = reorder.pending
-        span = 2 * (end - start) + self.slot_margin
-        if reorder._lowest_heap is not None or len(pending) > 4 * span or \
-                (len(pending) + end - start) * 4 >= reorder.max_pending:
-            self._run_strict(lines, start, end)
-            return
-        base = reorder.next_seq
-        slots: list = [None] * span
-        if pending:  # what earlier slices left waiting: a few, or a wide batch's worth
-            for seq in [seq for seq in pending if seq < base + span]:
-                slots[seq - base] = pending.pop(seq)
         field_counts = WIRE_FIELD_COUNTS
-        events = end - start
-        for line in lines[start:end]:
+        seqs: list[int] = []
+        events: list = []
+        for line in lines:
             event = line.split(b"|")
             try:
-                if field_counts[event[1]] != len(event):
-                    raise ValueError
-                seq = int(event[0])
-            except (ValueError, KeyError, IndexError):
-                seq, event = self._odd_line(line, slots)
-                if event is None:
-                    events -= 1
-                    continue
-            index = seq - base
-            if index >= span or index < 0:
-                if seq == 0:  # no valid SEQ: the strict parser words and counts it
-                    self._odd_line(line, slots)
-                    events -= 1
-                elif index < 0 or pending.setdefault(seq, event) is not event:
-                    reorder.count_resent(seq)
-            elif slots[index] is None:
-                slots[index] = event
-            else:
-                reorder.count_resent(seq)
-        self.events_in += events
-        try:
-            ready = slots.index(None)
-        except ValueError:  # every slot filled: the run may go on past them
-            ready = span
-            while base + ready in pending:
-                slots.append(pending.pop(base + ready))
-                ready += 1
-        waiting = slots[ready:]
-        if waiting.count(None) != len(waiting):
-            numbers = range(base + ready, base + span)
-            pending.update(compress(zip(numbers, waiting, strict=True), waiting))
-        reorder.next_seq = base + ready
-        highest = max(pending) if pending else base + ready - 1
-        if highest > reorder.highest_seq:
-            reorder.highest_seq = highest
-        if len(pending) > reorder.largest_depth:
-            reorder.largest_depth = len(pending)
-        if ready:
-            del slots[ready:]
-            self._apply(slots)
+                if field_counts[event[1]] == len(event):
+                    seq = int(event[0])  # plain text: int() takes it
+                    if seq:  # SEQ 0 is no sequence number: the strict parser says so
+                        seqs.append(seq)
+                        events.append(event)
+                        continue
+            except (KeyError, IndexError):
+                pass
+            if line and line != b"\r":  # an empty line is no event
+                self._push_plain(seqs, events)
+                seqs, events = [], []
+                self._dispatch_strictly((line,))
+        self._push_plain(seqs, events)
 
-    def _run_strict(self, lines: list[bytes], start: int, end: int) -> None:
+    def _push_plain(self, seqs: list[int], events: list) -> None:
+        self.events_in += len(events)
+        self._apply(self.reorder.push_slice(seqs, events))
+
+    def _dispatch_strictly(self, lines) -> None:
         """Every line through parse_event and the reorder buffer, one by one."""
         reorder = self.reorder
-        events = 0
-        for index in range(start, end):
-            seq, event = self._odd_line(lines[index])
+        for line in lines:
+            seq, event = self._parse_strictly(line)
             if event is not None:
-                events += 1
+                self.events_in += 1
                 self._apply(reorder.push(seq, event))
-        self.events_in += events
 
-    def _odd_line(self, line: bytes, slots: list | None = None) -> tuple:
+    def _parse_strictly(self, line: bytes) -> tuple:
         """One line through parse_event, with exact errors for the log.
 
         Returns (seq, the split line) for a valid event, (seq, NO_OP) for a
         line whose SEQ is valid and the rest not, and (None, None) for a line
         to drop. A malformed line whose SEQ was already seen is a resend,
-        counted as a duplicate by the caller whatever its body, not as
-        malformed. slots: _run_plain's slots for the waiting events, if any.
+        counted as a duplicate by the reorder buffer whatever its body, not
+        as malformed.
         """
         if not line or line == b"\r":
-            return None, None
-        reorder = self.reorder
+            return None, None  # an empty line is no event
         try:
             seq = parse_event(line)[0]
         except MalformedLine as problem:
@@ -812,27 +985,29 @@ class EventPipeline:
                 self.problems.warning("unsequenced", "event line dropped: %s", problem.reason)
                 return None, None
             seq = problem.seq
-            index = seq - reorder.next_seq
-            resent = index < 0 or seq in reorder.pending or (
-                slots is not None and index < len(slots) and slots[index] is not None)
-            if not resent:
+            if not self.reorder.has_seen(seq):
                 self.malformed += 1
                 self.problems.warning("malformed", "event %d consumed as a no-op: %s",
                                       seq, problem.reason)
             return seq, NO_OP
         return seq, line.split(b"|")
 
-    def feed(self, data: bytes) -> None:
-        self.receive(data)
-        self.run()
-
-    def _log_skips(self) -> None:
+    def _log_sequence_problems(self) -> None:
         reorder = self.reorder
-        ranges = reorder.skipped_ranges
+        duplicates = reorder.take_duplicates()
+        if duplicates:
+            count, lowest, highest = duplicates
+            self.problems.warning(
+                "duplicate", "%d events dropped as duplicates (sequence numbers %d..%d were "
+                "already dispatched or waiting; next expected %d); a source that starts a new "
+                "stream from 1 needs a fresh broker", count, lowest, highest, reorder.next_seq)
+        ranges = reorder.take_skipped_ranges()
         if not ranges:
             return
         lost = reorder.skipped - self._skipped_logged
         self._skipped_logged = reorder.skipped
+        # Past SKIPPED_RANGES_KEPT, ranges merge, and their lengths no longer
+        # add up to what was lost: then only the count and the span are told.
         if len(ranges) <= 8 and lost == sum(last - first + 1 for first, last in ranges):
             for first, last in ranges:
                 log.warning("reorder buffer full (--max-pending=%d): sequence numbers %d..%d "
@@ -841,18 +1016,19 @@ class EventPipeline:
         else:
             log.warning("reorder buffer full (--max-pending=%d): %d sequence numbers in "
                         "gaps between %d..%d declared lost; delivery resumes at %d",
-                        reorder.max_pending, lost, ranges[0][0], ranges[-1][1],
-                        reorder.next_seq)
-        ranges.clear()
+                        reorder.max_pending, lost, ranges[0][0], ranges[-1][1], reorder.next_seq)
 
 
 # ============================================================================
 # Transport
 #
-# Rules: sockets are nonblocking; nothing here ever waits. The write path
-# tries to send at once, queues what the kernel will not take, and watches
-# EVENT_WRITE only while bytes are queued. Every close names a CloseReason,
-# which the logs, the counters and the dashboard all speak.
+# Rules: sockets are nonblocking; nothing here ever waits. A client
+# connection owns its write path, as asyncio's selector transports and
+# tornado's IOStream do: write() sends at once, queues what the kernel will
+# not take, and has the reactor watch EVENT_WRITE only while bytes are
+# queued; the WriteTotals they share are written by client connections
+# alone. Every close names a CloseReason, which the logs, the counters and
+# the dashboard all speak.
 # ============================================================================
 
 
@@ -873,7 +1049,7 @@ class CloseReason(enum.Enum):
         return self in (CloseReason.SLOW_CONSUMER_BUFFER, CloseReason.SLOW_CONSUMER_TIMEOUT)
 
 
-def _peer_name(sock: socket.socket) -> str:
+def peer_name(sock: socket.socket) -> str:
     try:
         host, port = sock.getpeername()[:2]
     except OSError:
@@ -881,718 +1057,313 @@ def _peer_name(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class WriteTotals:
+    """What every client connection's write path adds up to, for backpressure
+    and stats: written by ClientConnection only, read by anyone."""
+
+    __slots__ = ("backlogged", "bytes_sent", "queued_bytes")
+
+    def __init__(self):
+        self.queued_bytes = 0  # bytes the kernel has not taken yet, all clients
+        self.bytes_sent = 0
+        self.backlogged: set[ClientConnection] = set()  # connections with bytes queued
+
+
 class ClientConnection:
-    """One user-client socket: its hello state and its outbound bytes."""
+    """One user-client socket: its hello, its outbound bytes and their accounting.
 
-    __slots__ = ("sock", "fd", "peer", "user_id", "lines", "outbound", "hello",
-                 "connected_at", "last_progress", "notifications_queued",
-                 "notifications_sent", "bytes_sent", "closed")
+    on_registered(connection) is called once its user id is read;
+    on_closed(connection, reason, detail) once it is closed, by itself or by
+    the broker; both belong to the owner, which keeps the routing table.
+    """
 
-    def __init__(self, sock: socket.socket, peer: str, now: float):
+    __slots__ = ("sock", "peer", "user_id", "lines", "connected_at", "last_progress",
+                 "notifications_queued", "notifications_sent", "bytes_sent", "closed",
+                 "_hello", "_outbound", "_reactor", "_totals", "_max_buffer",
+                 "_on_registered", "_on_closed")
+
+    def __init__(self, sock: socket.socket, now: float, reactor: Reactor, totals: WriteTotals,
+                 max_buffer: int, on_registered, on_closed):
         self.sock = sock
-        self.fd = sock.fileno()
-        self.peer = peer
+        self.peer = peer_name(sock)
         self.user_id: int | None = None  # set once the hello line is read
         self.lines: list[bytes] = []  # notifications dispatched, not yet bytes
-        self.outbound = bytearray()  # bytes the kernel has not taken yet
-        self.hello = b""
         self.connected_at = now
         self.last_progress = now
-        self.notifications_queued = 0  # ever handed to this connection
+        self.notifications_queued = 0  # ever handed to write()
         self.notifications_sent = 0  # ever fully written to the kernel
         self.bytes_sent = 0
         self.closed = False
+        self._hello = b""
+        self._outbound = bytearray()  # bytes the kernel has not taken yet
+        self._reactor = reactor
+        self._totals = totals
+        self._max_buffer = max_buffer
+        self._on_registered = on_registered
+        self._on_closed = on_closed
+        reactor.watch(sock, self.on_ready, selectors.EVENT_READ)
+
+    @property
+    def queued_bytes(self) -> int:
+        return len(self._outbound)
+
+    @property
+    def queued_notifications(self) -> int:
+        return len(self.lines) + max(self.notifications_queued - self.notifications_sent, 0)
 
     def describe(self) -> str:
         user = "unregistered" if self.user_id is None else f"user {self.user_id}"
         return f"client {self.peer} ({user})"
 
+    def on_ready(self, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE and not self.closed:
+            self._send_queued()
+        if mask & selectors.EVENT_READ and not self.closed:
+            self._read()
+
+    def write(self, data: bytes, count: int) -> None:
+        """Send data (count notifications) now; queue what the kernel leaves."""
+        if self.closed:
+            return
+        self.notifications_queued += count
+        if self._outbound:
+            self._queue(data)
+            return
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as error:
+            self.close(CloseReason.CLIENT_ERROR, str(error))
+            return
+        if sent:
+            self._count_sent(data, sent)
+        if sent < len(data):
+            self.last_progress = time.monotonic()  # the write timeout starts now
+            self._totals.backlogged.add(self)
+            self._reactor.watch(self.sock, self.on_ready,
+                                selectors.EVENT_READ | selectors.EVENT_WRITE)
+            self._queue(memoryview(data)[sent:])
+
+    def stalled(self, now: float, timeout: float) -> bool:
+        """Bytes queued, and none written for timeout seconds."""
+        return bool(self._outbound) and now - self.last_progress >= timeout
+
+    def close(self, reason: CloseReason, detail: str = "") -> None:
+        if self.closed:
+            return
+        self.closed = True
+        unsent = max(self.notifications_queued - self.notifications_sent, 0)
+        self._totals.queued_bytes -= len(self._outbound)
+        self._totals.backlogged.discard(self)
+        self._outbound = bytearray()
+        self.lines = []
+        self._reactor.forget(self.sock)
+        self.sock.close()
+        self._on_closed(self, reason, detail, unsent)
+
+    def _queue(self, data) -> None:
+        self._outbound += data
+        self._totals.queued_bytes += len(data)
+        if len(self._outbound) > self._max_buffer:
+            self.close(CloseReason.SLOW_CONSUMER_BUFFER,
+                       f"{len(self._outbound)} bytes queued, limit {self._max_buffer}")
+
+    def _count_sent(self, data, sent: int) -> None:
+        self.notifications_sent += data.count(b"\n", 0, sent)
+        self.bytes_sent += sent
+        self._totals.bytes_sent += sent
+
+    def _send_queued(self) -> None:
+        outbound = self._outbound
+        try:
+            sent = self.sock.send(outbound)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            self.close(CloseReason.CLIENT_ERROR, str(error))
+            return
+        if sent:
+            self._count_sent(outbound, sent)
+            del outbound[:sent]
+            self._totals.queued_bytes -= sent
+            self.last_progress = time.monotonic()
+        if not outbound:
+            self._totals.backlogged.discard(self)
+            self._reactor.watch(self.sock, self.on_ready, selectors.EVENT_READ)
+
+    def _read(self) -> None:
+        try:
+            data = self.sock.recv(CLIENT_READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            self.close(CloseReason.CLIENT_ERROR, str(error))
+            return
+        if not data:
+            self.close(CloseReason.CLIENT_QUIT)
+            return
+        if self.user_id is not None:
+            return  # registered clients have nothing to say; read and discard
+        self._hello += data
+        try:
+            user_id = parse_hello(self._hello)
+        except ValueError as problem:
+            self.close(CloseReason.INVALID_ID, str(problem))
+            return
+        if user_id is not None:
+            self._hello = b""
+            self.user_id = user_id
+            self._on_registered(self)
+
 
 class SourceConnection:
-    __slots__ = ("sock", "fd", "peer", "connected_at", "bytes_read", "closed")
+    """The event source's socket: read while not paused, hand the bytes on."""
 
-    def __init__(self, sock: socket.socket, peer: str, now: float):
+    __slots__ = ("sock", "peer", "connected_at", "bytes_read", "duplicates_at_start",
+                 "closed", "_reactor", "_read_size", "_on_data", "_on_closed")
+
+    def __init__(self, sock: socket.socket, now: float, reactor: Reactor, read_size: int,
+                 duplicates_at_start: int, on_data, on_closed):
         self.sock = sock
-        self.fd = sock.fileno()
-        self.peer = peer
+        self.peer = peer_name(sock)
         self.connected_at = now
         self.bytes_read = 0
+        self.duplicates_at_start = duplicates_at_start  # to tell this source's share
         self.closed = False
+        self._reactor = reactor
+        self._read_size = read_size
+        self._on_data = on_data
+        self._on_closed = on_closed
 
+    def read_when_ready(self, reading: bool) -> None:
+        """Watch the socket (reading) or not (paused: TCP pushes back on the source)."""
+        if not self.closed:
+            self._reactor.watch(self.sock, self.on_ready,
+                                selectors.EVENT_READ if reading else 0)
 
-def open_listener(host: str, port: int, backlog: int = 1024) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        # Reuse lets a restarted broker bind over TIME_WAIT; on Linux it does
-        # not let two listeners share a port, so "in use" is still caught.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(backlog)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-# ============================================================================
-# Reactor
-#
-# Rules: one thread drives everything. A wake-up reads what is ready,
-# dispatches in slices, flushes every touched client once per flush_lines
-# lines (sooner when the fan-out budget is spent), and checks the limits;
-# timers (hello and write timeouts, accept retry, the dashboard) run from the
-# same loop and bound the select timeout. State is only ever changed here, so
-# nothing needs a lock.
-# ============================================================================
-
-ACCEPT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-# accept(2) passes on errors of the connection being accepted; the man page's
-# advice is to treat them like EAGAIN and go on with the next one.
-ACCEPT_SKIP_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.ENETDOWN, errno.ENOPROTOOPT,
-                      errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP,
-                      errno.ENETUNREACH, errno.EPERM, errno.EINTR}
-HOUSEKEEPING_INTERVAL = 0.25
-ACCEPT_RETRY_DELAY = 0.5
-RECENTLY_CLOSED = 32
-
-
-class Broker:
-    def __init__(self, config: BrokerConfig | None = None):
-        self.config = config = config or BrokerConfig()
-        self.selector = selectors.DefaultSelector()
-        self.problems = RateLimitedLog(log)
-        self.exchange = Exchange(config.max_follows)
-        # Bytes of broadcasts and status updates one slice may queue before it
-        # stops early: with thousands of clients, a slice of broadcasts would
-        # otherwise queue gigabytes before --max-buffered is checked again.
-        fanout_budget = max(64 * 1024, config.max_buffered // 8)
-        self.pipeline = EventPipeline(self.exchange, config.max_line, config.max_pending,
-                                      self.problems, fanout_budget)
-        self.event_listener: socket.socket | None = None
-        self.client_listener: socket.socket | None = None
-        self.source: SourceConnection | None = None
-        self.clients: dict[int, ClientConnection] = {}  # fd -> every client connection
-        self.awaiting_hello: dict[int, ClientConnection] = {}
-        self.backlogged: set[ClientConnection] = set()  # clients with bytes queued
-        self.total_buffered = 0
-        self.source_paused = False  # by backpressure (--max-buffered)
-        self.started_at = time.monotonic()
-        self.started_wall = time.time()
-        self.stopping = False
-        self.stop_deadline = 0.0
-        self.running = False
-        self.close_counts: dict[str, int] = {reason.value: 0 for reason in CloseReason}
-        self.recently_closed: deque[dict] = deque(maxlen=RECENTLY_CLOSED)
-        self.accept_errors = 0
-        self.source_connections = 0
-        self.bytes_out = 0
-        self._accept_paused_until: dict[socket.socket, float] = {}
-        self._next_housekeeping = 0.0
-        self._wakeup_reader: socket.socket | None = None
-        self._wakeup_writer: socket.socket | None = None
-        self.observers: list = []  # called as observer(broker, now) on each housekeeping tick
-        self._signals_seen = 0
-        self._handles_signals = False
-        self._spare_descriptor: int | None = None
-        self._calls_from_other_threads: deque = deque()
-        self._rate_samples: deque[tuple[float, int, int, int, int]] = deque(maxlen=16)
-
-    # -- lifecycle -----------------------------------------------------------
-
-    def bind(self) -> None:
-        """Open both listeners; OSError names the port that failed."""
-        config = self.config
-        for attribute, port in (("event_listener", config.event_port),
-                                ("client_listener", config.client_port)):
-            try:
-                listener = open_listener(config.host, port)
-            except OSError as error:
-                self.close_listeners()
-                raise PortError(config.host, port, error) from error
-            setattr(self, attribute, listener)
-        self.selector.register(self.event_listener, selectors.EVENT_READ,
-                               (self._on_event_listener, self.event_listener))
-        self.selector.register(self.client_listener, selectors.EVENT_READ,
-                               (self._on_client_listener, self.client_listener))
-        self._wakeup_reader, self._wakeup_writer = socket.socketpair()
-        self._wakeup_reader.setblocking(False)
-        self._wakeup_writer.setblocking(False)
-        self.selector.register(self._wakeup_reader, selectors.EVENT_READ,
-                               (self._on_wakeup, self._wakeup_reader))
-        if self._handles_signals:
-            signal.set_wakeup_fd(self._wakeup_writer.fileno(), warn_on_full_buffer=False)
-        self._take_spare_descriptor()
-        log.info("listening events=%s:%d clients=%s:%d", config.host, self.event_port,
-                 config.host, self.client_port)
-
-    @property
-    def event_port(self) -> int:
-        return self.event_listener.getsockname()[1] if self.event_listener else 0
-
-    @property
-    def client_port(self) -> int:
-        return self.client_listener.getsockname()[1] if self.client_listener else 0
-
-    def wake(self) -> None:
-        """Safe from a signal handler or another thread: interrupt select()."""
-        if self._wakeup_writer is not None:
-            try:
-                self._wakeup_writer.send(b"\0")
-            except OSError:
-                pass
-
-    def request_stop(self) -> None:
-        """First call: drain and stop. Called again while draining: stop now."""
-        if self.stopping:
-            self.stop_deadline = 0.0
-        self.stopping = True
-        self.wake()
-
-    def handle_signal(self, signum, frame) -> None:
-        self._signals_seen += 1
-        if self._signals_seen > 1:
-            # The operator insists: no drain, no cleanup beyond the kernel's,
-            # except giving a terminal its cursor back if the live view hid it.
-            if self.observers and sys.stdout.isatty():
-                os.write(sys.stdout.fileno(), b"\x1b[?25h\n")
-            os._exit(128 + signum)
-        self.request_stop()
-
-    def call_in_loop(self, function) -> None:
-        """Run function() on the loop's thread soon; safe from any thread.
-
-        The one door for other threads (tests, embedders): the loop owns
-        every piece of state, so others ask it rather than read it.
-        """
-        self._calls_from_other_threads.append(function)
-        self.wake()
-
-    def snapshot(self, timeout: float = 5.0, top_clients: int | None = 20) -> dict:
-        """stats(), taken on the loop's thread; for callers on other threads."""
-        if not self.running:
-            return self.stats(top_clients)
-        result = Future()
-        self.call_in_loop(lambda: result.set_result(self.stats(top_clients)))
-        return result.result(timeout)
-
-    def install_signal_handlers(self) -> None:
-        """Main thread only. Call before bind(): once the "listening" line is
-        out, a signal must already mean a clean stop, not a traceback."""
-        signal.signal(signal.SIGINT, self.handle_signal)
-        signal.signal(signal.SIGTERM, self.handle_signal)
-        self._handles_signals = True
-        if self._wakeup_writer is not None:
-            signal.set_wakeup_fd(self._wakeup_writer.fileno(), warn_on_full_buffer=False)
-
-    def serve_forever(self) -> None:
-        if self.event_listener is None:
-            self.bind()
-        self.running = True
+    def on_ready(self, mask: int) -> None:
+        if self.closed:
+            return  # replaced earlier in this same wake-up: its socket is closed
         try:
-            while True:
-                if self.stopping and self._drain_step():
-                    break
-                timeout = self._housekeeping_timeout()
-                for key, mask in self.selector.select(timeout):
-                    handler, target = key.data
-                    handler(target, mask)
-                self._flush()
-        finally:
-            self._close_everything()
-            self.running = False
-
-    # -- shutdown ------------------------------------------------------------
-
-    def _drain_step(self) -> bool:
-        """Returns True when shutdown is complete."""
-        now = time.monotonic()
-        if self.event_listener is not None:
-            log.info("stopping: no new clients or events; draining queued notifications "
-                     "(up to %.1f s)", self.config.drain_timeout)
-            self.stop_deadline = now + self.config.drain_timeout
-            self.close_listeners()
-            if self.source is not None:
-                self._close_source(CloseReason.SHUTDOWN)
-            for connection in list(self.awaiting_hello.values()):
-                self._close_client(connection, CloseReason.SHUTDOWN)
-            self._flush()
-        if not self.backlogged:
-            return True
-        if now >= self.stop_deadline:
-            log.warning("drain timeout: %d clients still had %d bytes queued",
-                        len(self.backlogged), self.total_buffered)
-            return True
-        return False
-
-    def close_listeners(self) -> None:
-        for attribute in ("event_listener", "client_listener"):
-            listener = getattr(self, attribute)
-            if listener is not None:
-                self._unregister(listener)
-                listener.close()
-                setattr(self, attribute, None)
-        self._accept_paused_until.clear()
-
-    def _close_everything(self) -> None:
-        self.close_listeners()
-        if self.source is not None:
-            self._close_source(CloseReason.SHUTDOWN)
-        for connection in list(self.clients.values()):
-            self._close_client(connection, CloseReason.SHUTDOWN)
-        if self._handles_signals:
-            signal.set_wakeup_fd(-1)  # never let a late signal write to a reused fd
-        if self._spare_descriptor is not None:
-            os.close(self._spare_descriptor)
-            self._spare_descriptor = None
-        for sock in (self._wakeup_reader, self._wakeup_writer):
-            if sock is not None:
-                self._unregister(sock)
-                sock.close()
-        self._wakeup_reader = self._wakeup_writer = None
-        self.selector.close()
-
-    def _unregister(self, sock: socket.socket) -> None:
-        try:
-            self.selector.unregister(sock)
-        except (KeyError, ValueError):
-            pass
-
-    def _on_wakeup(self, sock: socket.socket, mask: int) -> None:
-        try:
-            while sock.recv(4096):
-                pass
+            data = self.sock.recv(self._read_size)
         except (BlockingIOError, InterruptedError):
-            pass
-        calls = self._calls_from_other_threads
-        while calls:
-            calls.popleft()()
+            return
+        except OSError as error:
+            self.close(CloseReason.SOURCE_ERROR, str(error))
+            return
+        if not data:
+            self.close(CloseReason.SOURCE_QUIT)
+            return
+        self.bytes_read += len(data)
+        self._on_data(data)
 
-    # -- accepting -----------------------------------------------------------
+    def close(self, reason: CloseReason, detail: str = "") -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._reactor.forget(self.sock)
+        self.sock.close()
+        self._on_closed(self, reason, detail)
 
-    def _accept_ready(self, listener: socket.socket):
-        """Yield every connection already waiting; on running out of file
-        descriptors, stop watching the listener for a short pause instead of
-        spinning on a readable socket we cannot accept from."""
-        for _ in range(1024):
+
+class Listener:
+    """A listening socket that takes every waiting connection per wake-up.
+
+    On running out of descriptors or memory it stops watching for a short
+    pause instead of spinning on a readable socket it cannot accept from. A
+    listener given a spare descriptor (the event port's) first gives that
+    up: clients must not starve the one connection that matters.
+    """
+
+    # accept(2) passes on errors of the connection being accepted; the man
+    # page's advice is to treat them like EAGAIN and go on with the next one.
+    SKIP_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.ENETDOWN, errno.ENOPROTOOPT,
+                   errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP,
+                   errno.ENETUNREACH, errno.EPERM, errno.EINTR}
+    EXHAUSTION_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+    def __init__(self, host: str, port: int, reactor: Reactor, on_accept, on_error,
+                 problems: RateLimitedLog, keeps_spare: bool = False):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            # Reuse lets a restarted broker bind over TIME_WAIT; on Linux it
+            # does not let two listeners share a port, so "in use" is caught.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+        except OSError as error:
+            sock.close()
+            raise PortError(host, port, error) from error
+        self.sock = sock
+        self.port = sock.getsockname()[1]
+        self._reactor = reactor
+        self._on_accept = on_accept
+        self._on_error = on_error
+        self._problems = problems
+        self._paused_until: float | None = None
+        self._spare: int | None = None
+        self._keeps_spare = keeps_spare
+        self.take_spare()
+        reactor.watch(sock, self.on_ready, selectors.EVENT_READ)
+
+    def on_ready(self, mask: int) -> None:
+        for _ in range(ACCEPTS_PER_WAKEUP):
             try:
-                sock, _address = listener.accept()
+                sock, _address = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as error:
-                if error.errno in ACCEPT_SKIP_ERRNOS:
-                    continue  # that connection failed before we took it; take the next
-                if error.errno in ACCEPT_ERRNOS and listener is self.event_listener \
-                        and self._use_spare_descriptor(listener):
+                if error.errno in self.SKIP_ERRNOS:
+                    continue  # that connection failed before we took it
+                if error.errno in self.EXHAUSTION_ERRNOS and self._spare is not None:
+                    os.close(self._spare)  # the next accept takes its place
+                    self._spare = None
+                    log.warning("out of file descriptors: using the spare one for the "
+                                "event source")
                     continue
-                # Out of descriptors or memory, or anything unforeseen: keep
-                # serving who is connected, and try accepting again shortly.
-                self.accept_errors += 1
-                port = listener.getsockname()[1]
-                self.problems.warning(f"accept:{port}", "cannot accept on port %d: %s; "
-                                      "retrying in %.1f s", port,
-                                      os.strerror(error.errno) if error.errno else error,
-                                      ACCEPT_RETRY_DELAY)
-                self._unregister(listener)
-                self._accept_paused_until[listener] = time.monotonic() + ACCEPT_RETRY_DELAY
+                self._pause(error)
                 return
             sock.setblocking(False)
-            yield sock
+            self._on_accept(sock)
 
-    def _use_spare_descriptor(self, listener: socket.socket) -> bool:
-        """Out of descriptors while an event source knocks: clients must not
-        starve the one connection that matters. Give up the descriptor kept
-        spare for this, so the next accept can take its place; a new spare is
-        taken on a later tick, once one is free again."""
-        if self._spare_descriptor is None:
-            return False
-        os.close(self._spare_descriptor)
-        self._spare_descriptor = None
-        log.warning("out of file descriptors: using the spare one for the event source")
-        return True
+    def _pause(self, error: OSError) -> None:
+        # Out of descriptors or memory, or anything unforeseen: the owner
+        # keeps serving who is connected, and accepting is tried again soon.
+        self._on_error()
+        self._problems.warning(f"accept:{self.port}", "cannot accept on port %d: %s; "
+                               "retrying in %.1f s", self.port,
+                               os.strerror(error.errno) if error.errno else error,
+                               ACCEPT_RETRY_DELAY)
+        self._reactor.watch(self.sock, self.on_ready, 0)
+        self._paused_until = time.monotonic() + ACCEPT_RETRY_DELAY
 
-    def _take_spare_descriptor(self) -> None:
-        if self._spare_descriptor is None:
+    def take_spare(self) -> None:
+        """Hold a spare descriptor again, once one is free (timer)."""
+        if self._keeps_spare and self._spare is None:
             try:
-                self._spare_descriptor = os.open(os.devnull, os.O_RDONLY)
+                self._spare = os.open(os.devnull, os.O_RDONLY)
             except OSError:
                 pass  # still none free; try again next tick
 
-    def _on_client_listener(self, listener: socket.socket, mask: int) -> None:
-        now = time.monotonic()
-        for sock in self._accept_ready(listener):
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
-            connection = ClientConnection(sock, _peer_name(sock), now)
-            self.clients[connection.fd] = connection
-            self.awaiting_hello[connection.fd] = connection
-            self.selector.register(sock, selectors.EVENT_READ,
-                                   (self._on_client_event, connection))
-            log.debug("%s connected", connection.describe())
+    def resume_if_due(self, now: float) -> None:
+        if self._paused_until is not None and now >= self._paused_until:
+            self._paused_until = None
+            self._reactor.watch(self.sock, self.on_ready, selectors.EVENT_READ)
 
-    def _on_event_listener(self, listener: socket.socket, mask: int) -> None:
-        now = time.monotonic()
-        for sock in self._accept_ready(listener):
-            if self.source is not None:
-                log.warning("event source %s connected; it takes over from %s",
-                            _peer_name(sock), self.source.peer)
-                self._close_source(CloseReason.SOURCE_REPLACED)
-            self.source = SourceConnection(sock, _peer_name(sock), now)
-            self.source_connections += 1
-            log.info("event source %s connected; next expected sequence number %d",
-                     self.source.peer, self.pipeline.reorder.next_seq)
-            if not self.source_paused:
-                self.selector.register(sock, selectors.EVENT_READ,
-                                       (self._on_source_readable, self.source))
-
-    # -- the event source ----------------------------------------------------
-
-    def _on_source_readable(self, source: SourceConnection, mask: int) -> None:
-        if source is not self.source:
-            return  # replaced earlier in this same wake-up: its socket is closed
-        try:
-            data = source.sock.recv(self.config.read_size)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as error:
-            self._close_source(CloseReason.SOURCE_ERROR, str(error))
-            return
-        if not data:
-            self._close_source(CloseReason.SOURCE_QUIT)
-            return
-        source.bytes_read += len(data)
-        self.pipeline.receive(data)
-        self._dispatch_backlog()
-
-    def _dispatch_backlog(self) -> None:
-        """Dispatch in slices, flushing every flush_lines, until done or paused."""
-        pipeline = self.pipeline
-        slice_size = self.config.dispatch_slice
-        flush_lines = self.config.flush_lines
-        unflushed = 0
-        while not pipeline.run(slice_size):
-            unflushed += slice_size
-            if unflushed < flush_lines and not pipeline.holding:
-                continue
-            unflushed = 0
-            self._flush()
-            if self.total_buffered > self.config.max_buffered:
-                self._pause_source()
-                return
-        self._flush()
-        if self.total_buffered > self.config.max_buffered:
-            self._pause_source()
-
-    def _pause_source(self) -> None:
-        if self.source_paused:
-            return
-        self.source_paused = True
-        log.warning("backpressure: %d bytes queued toward clients (--max-buffered=%d); "
-                    "pausing the event source", self.total_buffered, self.config.max_buffered)
-        if self.source is not None:
-            self._unregister(self.source.sock)
-
-    def _maybe_resume_source(self) -> None:
-        if not self.source_paused or self.total_buffered > self.config.max_buffered // 2:
-            return
-        if self.stopping:
-            return  # a drain delivers what was dispatched; nothing more is dispatched
-        self.source_paused = False
-        log.info("backpressure relieved: %d bytes queued; resuming the event source",
-                 self.total_buffered)
-        self._dispatch_backlog()
-        if not self.source_paused and self.source is not None and not self.stopping:
-            self.selector.register(self.source.sock, selectors.EVENT_READ,
-                                   (self._on_source_readable, self.source))
-
-    def _close_source(self, reason: CloseReason, detail: str = "") -> None:
-        source = self.source
-        if source is None:
-            return
-        self.source = None
-        source.closed = True
-        self._unregister(source.sock)
-        source.sock.close()
-        self.pipeline.end_of_stream()
-        self._record_close("source", source.peer, None, reason, detail)
-        level = logging.INFO if reason in (CloseReason.SOURCE_QUIT, CloseReason.SHUTDOWN) \
-            else logging.WARNING
-        log.log(level, "event source %s closed: %s%s (read %d bytes; next expected "
-                "sequence number %d)", source.peer, reason.value,
-                f" ({detail})" if detail else "", source.bytes_read,
-                self.pipeline.reorder.next_seq)
-
-    # -- user clients --------------------------------------------------------
-
-    def _on_client_event(self, connection: ClientConnection, mask: int) -> None:
-        if mask & selectors.EVENT_WRITE and not connection.closed:
-            self._write_queued(connection)
-        if mask & selectors.EVENT_READ and not connection.closed:
-            self._read_client(connection)
-
-    def _read_client(self, connection: ClientConnection) -> None:
-        try:
-            data = connection.sock.recv(4096)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as error:
-            self._close_client(connection, CloseReason.CLIENT_ERROR, str(error))
-            return
-        if not data:
-            self._close_client(connection, CloseReason.CLIENT_QUIT)
-            return
-        if connection.user_id is not None:
-            return  # registered clients have nothing to say; read and discard
-        hello = connection.hello + data
-        newline = hello.find(b"\n")
-        if newline < 0:
-            if len(hello) > MAX_HELLO_LINE:
-                self._close_client(connection, CloseReason.INVALID_ID,
-                                   f"hello line over {MAX_HELLO_LINE} bytes")
-            else:
-                connection.hello = hello
-            return
-        try:
-            user_id = parse_user_id(hello[:newline])
-        except ValueError as problem:
-            self._close_client(connection, CloseReason.INVALID_ID, str(problem))
-            return
-        connection.hello = b""
-        connection.user_id = user_id
-        del self.awaiting_hello[connection.fd]
-        self.exchange.subscribe(user_id, connection)
-        log.debug("%s registered", connection.describe())
-
-    def _flush(self) -> None:
-        """Turn each touched client's new lines into bytes and send them."""
-        max_client_buffer = self.config.max_client_buffer
-        for connection, data, count in self.exchange.take_output():
-            if connection.closed:
-                continue
-            connection.notifications_queued += count
-            outbound = connection.outbound
-            if outbound:
-                outbound += data
-                self.total_buffered += len(data)
-                if len(outbound) > max_client_buffer:
-                    self._close_slow_consumer(connection, CloseReason.SLOW_CONSUMER_BUFFER)
-                continue
-            try:
-                sent = connection.sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as error:
-                self._close_client(connection, CloseReason.CLIENT_ERROR, str(error))
-                continue
-            if sent:
-                connection.bytes_sent += sent
-                self.bytes_out += sent
-                connection.notifications_sent += data.count(b"\n", 0, sent)
-            if sent < len(data):
-                outbound += memoryview(data)[sent:]
-                self.total_buffered += len(data) - sent
-                connection.last_progress = time.monotonic()
-                self.backlogged.add(connection)
-                self.selector.modify(connection.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
-                                     (self._on_client_event, connection))
-                if len(outbound) > max_client_buffer:
-                    self._close_slow_consumer(connection, CloseReason.SLOW_CONSUMER_BUFFER)
-
-    def _write_queued(self, connection: ClientConnection) -> None:
-        outbound = connection.outbound
-        try:
-            sent = connection.sock.send(outbound)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as error:
-            self._close_client(connection, CloseReason.CLIENT_ERROR, str(error))
-            return
-        if sent:
-            connection.notifications_sent += outbound.count(b"\n", 0, sent)
-            del outbound[:sent]
-            connection.bytes_sent += sent
-            self.bytes_out += sent
-            self.total_buffered -= sent
-            connection.last_progress = time.monotonic()
-        if not outbound:
-            self.backlogged.discard(connection)
-            self.selector.modify(connection.sock, selectors.EVENT_READ,
-                                 (self._on_client_event, connection))
-        if self.source_paused:
-            self._maybe_resume_source()
-
-    def _close_slow_consumer(self, connection: ClientConnection, reason: CloseReason) -> None:
-        detail = (f"{len(connection.outbound)} bytes queued, limit "
-                  f"{self.config.max_client_buffer}" if reason is CloseReason.SLOW_CONSUMER_BUFFER
-                  else f"nothing written for {self.config.write_timeout:g} s with "
-                       f"{len(connection.outbound)} bytes queued")
-        self._close_client(connection, reason, detail)
-
-    def _close_client(self, connection: ClientConnection, reason: CloseReason,
-                      detail: str = "") -> None:
-        if connection.closed:
-            return
-        connection.closed = True
-        self.clients.pop(connection.fd, None)
-        self.awaiting_hello.pop(connection.fd, None)
-        if connection.user_id is not None:
-            self.exchange.unsubscribe(connection.user_id, connection)
-        self.backlogged.discard(connection)
-        self.total_buffered -= len(connection.outbound)
-        unsent = connection.notifications_queued - connection.notifications_sent
-        connection.outbound = bytearray()
-        connection.lines = []
-        self._unregister(connection.sock)
-        connection.sock.close()
-        self._record_close("client", connection.peer, connection.user_id, reason, detail)
-        quiet = reason in (CloseReason.CLIENT_QUIT, CloseReason.SHUTDOWN)
-        if reason in (CloseReason.HELLO_TIMEOUT, CloseReason.INVALID_ID):
-            self.problems.warning(reason.value, "%s closed: %s%s", connection.describe(),
-                                  reason.value, f" ({detail})" if detail else "")
-        else:
-            log.log(logging.INFO if quiet else logging.WARNING,
-                    "%s closed: %s%s; %d notifications sent, %d not delivered",
-                    connection.describe(), reason.value, f" ({detail})" if detail else "",
-                    connection.notifications_sent, max(unsent, 0))
-        if self.source_paused:
-            self._maybe_resume_source()
-
-    def _record_close(self, kind: str, peer: str, user_id, reason: CloseReason,
-                      detail: str) -> None:
-        self.close_counts[reason.value] += 1
-        self.recently_closed.append({"kind": kind, "peer": peer, "user_id": user_id,
-                                     "reason": reason.value, "detail": detail,
-                                     "at": time.time()})
-
-    # -- timers --------------------------------------------------------------
-
-    def _housekeeping_timeout(self) -> float:
-        now = time.monotonic()
-        if now >= self._next_housekeeping:
-            self._housekeeping(now)
-            self._next_housekeeping = now + HOUSEKEEPING_INTERVAL
-        return max(0.0, self._next_housekeeping - now)
-
-    def _housekeeping(self, now: float) -> None:
-        hello_deadline = now - self.config.hello_timeout
-        for connection in [c for c in self.awaiting_hello.values()
-                           if c.connected_at <= hello_deadline]:
-            self._close_client(connection, CloseReason.HELLO_TIMEOUT,
-                               f"no user id within {self.config.hello_timeout:g} s")
-        write_deadline = now - self.config.write_timeout
-        for connection in [c for c in self.backlogged if c.last_progress <= write_deadline]:
-            self._close_slow_consumer(connection, CloseReason.SLOW_CONSUMER_TIMEOUT)
-        self.problems.flush()
-        if not self.stopping:
-            self._take_spare_descriptor()
-        for listener, until in list(self._accept_paused_until.items()):
-            if now >= until:
-                del self._accept_paused_until[listener]
-                handler = (self._on_event_listener if listener is self.event_listener
-                           else self._on_client_listener)
-                self.selector.register(listener, selectors.EVENT_READ, (handler, listener))
-        self._rate_samples.append((now, self.pipeline.events_in, self.exchange.dispatched,
-                                   self.exchange.notifications, self.bytes_out))
-        for observer in list(self.observers):
-            try:
-                observer(self, now)
-            except Exception as error:
-                # A view must never take the broker down (a closed pipe, a
-                # vanished terminal): drop it and keep serving.
-                self.observers.remove(observer)
-                log.error("status display stopped and removed: %s: %s",
-                          type(error).__name__, error)
-
-    def _rates(self) -> dict:
-        """Per-second rates over the last few seconds of housekeeping samples."""
-        samples = self._rate_samples
-        names = ("events_in", "events_out", "notifications", "bytes_out")
-        if len(samples) < 2 or samples[-1][0] <= samples[0][0]:
-            return dict.fromkeys(names, 0.0)
-        first, last = samples[0], samples[-1]
-        elapsed = last[0] - first[0]
-        return {name: (last[index + 1] - first[index + 1]) / elapsed
-                for index, name in enumerate(names)}
-
-    # -- stats ---------------------------------------------------------------
-
-    def stats(self, top_clients: int | None = 20) -> dict:
-        """A snapshot of plain data: counters, depths and the deepest queues.
-
-        top_clients bounds the per-connection list (deepest queues first);
-        None lists every connection.
-        """
-        now = time.monotonic()
-        pipeline, reorder, exchange = self.pipeline, self.pipeline.reorder, self.exchange
-        connections = list(self.clients.values())
-        if top_clients is not None and len(connections) > top_clients:
-            connections = heapq.nlargest(top_clients, connections,
-                                         key=lambda c: len(c.outbound))
-        else:
-            connections.sort(key=lambda c: len(c.outbound), reverse=True)
-        source = self.source
-        return {
-            "uptime": now - self.started_at,
-            "started_at": self.started_wall,
-            "stopping": self.stopping,
-            "source": {
-                "connected": source is not None,
-                "peer": source.peer if source else None,
-                "paused": self.source_paused,
-                "connections": self.source_connections,
-                "bytes_read": source.bytes_read if source else 0,
-            },
-            "next_seq": reorder.next_seq,
-            "highest_seq": reorder.highest_seq,
-            "reorder_depth": len(reorder),
-            "reorder_depth_max": reorder.largest_depth,
-            "events_in": pipeline.events_in,
-            "events_dispatched": exchange.dispatched,
-            "notifications": exchange.notifications,
-            "bytes_out": self.bytes_out,
-            "clients": len(exchange.subscribers),
-            "connections": len(self.clients),
-            "awaiting_hello": len(self.awaiting_hello),
-            "known_users": len(exchange.following),
-            "follows": exchange.follow_count,
-            "bytes_queued": self.total_buffered,
-            "rates": self._rates(),
-            "counters": {
-                "malformed": pipeline.malformed,
-                "unsequenced": pipeline.unsequenced,
-                "overlong": pipeline.overlong,
-                "duplicate": reorder.duplicates,
-                "late": reorder.late,
-                "skipped": reorder.skipped,
-                "slow_consumers": sum(count for reason, count in self.close_counts.items()
-                                      if CloseReason(reason).is_slow_consumer),
-                "follows_refused": exchange.follows_refused,
-                "accept_errors": self.accept_errors,
-            },
-            "closes": dict(self.close_counts),
-            "limits": {field.name: getattr(self.config, field.name)
-                       for field in fields(self.config)},
-            "top_clients": [
-                {
-                    "user_id": c.user_id,
-                    "peer": c.peer,
-                    "queued_notifications": len(c.lines) + max(
-                        c.notifications_queued - c.notifications_sent, 0),
-                    "queued_bytes": len(c.outbound),
-                    "notifications_sent": c.notifications_sent,
-                    "bytes_sent": c.bytes_sent,
-                    "connected_seconds": now - c.connected_at,
-                }
-                for c in connections
-            ],
-            "recently_closed": list(self.recently_closed),
-        }
+    def close(self) -> None:
+        self._reactor.forget(self.sock)
+        self.sock.close()
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
 
 
 class PortError(OSError):
+    """A port we cannot listen on: one line for the operator, exit code 2."""
+
     def __init__(self, host: str, port: int, error: OSError):
         self.host, self.port, self.error = host, port, error
         if error.errno == errno.EADDRINUSE:
@@ -1604,29 +1375,609 @@ class PortError(OSError):
 
 
 # ============================================================================
-# Stats and dashboard
+# Reactor
 #
-# Rules: everything runs on the loop's thread, from the housekeeping timer;
-# rendering is a pure function of a stats() snapshot; rich is imported only
-# when --dashboard asks for it, so the broker runs on a bare Python.
+# Rules: one thread drives everything. The selector's data for a socket is
+# the one handler to call with its ready mask; watch() is the only way a
+# socket's interest changes. A wake-up reads what is ready; the event
+# source's bytes are dispatched in slices, every touched client is flushed
+# once per flush_lines lines (sooner when the fan-out budget is spent), and
+# the limits are checked after each flush. Timers (hello and write timeouts,
+# accept retry, the dashboard) run from the same loop and bound the select
+# timeout. Other threads only ever ask the loop, through call_in_loop(); a
+# call that fails is logged and the loop goes on. State is only ever
+# changed on the loop's thread, so nothing needs a lock.
 # ============================================================================
 
-STATUS_LINE_INTERVAL = 5.0
+
+class Reactor:
+    """The selectors loop, its timers, and the one door for other threads."""
+
+    def __init__(self):
+        self.selector = selectors.DefaultSelector()
+        self._wakeup_reader, self._wakeup_writer = socket.socketpair()
+        self._wakeup_reader.setblocking(False)
+        self._wakeup_writer.setblocking(False)
+        self._calls: deque[Callable[[], object]] = deque()
+        self._timers: list[list] = []  # [next due, interval, callback]
+        self.watch(self._wakeup_reader, self._on_wakeup, selectors.EVENT_READ)
+
+    def watch(self, sock: socket.socket, handler: Callable[[int], None], events: int) -> None:
+        """Call handler(mask) when sock is ready for events; 0 stops watching."""
+        try:
+            if events:
+                try:
+                    self.selector.modify(sock, events, handler)
+                except KeyError:
+                    self.selector.register(sock, events, handler)
+            else:
+                self.selector.unregister(sock)
+        except (KeyError, ValueError):
+            pass  # not watched, or already closed
+
+    def forget(self, sock: socket.socket) -> None:
+        self.watch(sock, None, 0)
+
+    def every(self, interval: float, callback: Callable[[float], None]) -> None:
+        """Call callback(now) every interval seconds, from the loop."""
+        self._timers.append([0.0, interval, callback])
+
+    def run_once(self) -> None:
+        """Run due timers, wait for readiness (no longer than the next timer),
+        and call each ready socket's handler."""
+        now = time.monotonic()
+        next_due = now + HOUSEKEEPING_INTERVAL
+        for timer in self._timers:
+            if now >= timer[0]:
+                timer[0] = now + timer[1]
+                timer[2](now)
+            next_due = min(next_due, timer[0])
+        for key, mask in self.selector.select(max(0.0, next_due - time.monotonic())):
+            key.data(mask)
+
+    def call_in_loop(self, function: Callable[[], object]) -> None:
+        """Run function() on the loop's thread soon; safe from any thread."""
+        self._calls.append(function)
+        self.wake()
+
+    def wake(self) -> None:
+        """Interrupt select(); safe from a signal handler or another thread."""
+        try:
+            self._wakeup_writer.send(b"\0")
+        except OSError:
+            pass  # already woken (buffer full) or closed
+
+    def wakeup_descriptor(self) -> int:
+        """For signal.set_wakeup_fd: a signal then interrupts select() too."""
+        return self._wakeup_writer.fileno()
+
+    def close(self) -> None:
+        for sock in (self._wakeup_reader, self._wakeup_writer):
+            self.forget(sock)
+            sock.close()
+        self.selector.close()
+
+    def _on_wakeup(self, mask: int) -> None:
+        try:
+            while self._wakeup_reader.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        calls = self._calls
+        while calls:
+            function = calls.popleft()
+            try:
+                function()
+            except Exception:
+                # Another thread's call must not end serve_forever.
+                log.exception("a call from another thread failed")
 
 
-def format_status_line(snapshot: dict) -> str:
+class Broker:
+    """The event source, the user clients and the core, driven by one Reactor."""
+
+    def __init__(self, config: BrokerConfig | None = None):
+        self.config = config = config or BrokerConfig()
+        self.reactor = Reactor()
+        self.problems = RateLimitedLog(log)
+        self.exchange = Exchange(config.max_follows)
+        self.pipeline = EventPipeline(self.exchange, config, self.problems)
+        self.event_listener: Listener | None = None
+        self.client_listener: Listener | None = None
+        self.source: SourceConnection | None = None
+        self.source_connections = 0
+        self.source_paused = False  # by backpressure (--max-buffered)
+        self.accept_errors = 0
+        self.clients: dict[ClientConnection, None] = {}  # every client connection
+        self.awaiting_hello: dict[ClientConnection, None] = {}
+        self.totals = WriteTotals()
+        self.closes = CloseLedger()
+        self.rates = RateMeter()
+        self.started_at = time.monotonic()
+        self.started_wall = time.time()
+        self.stopping = False
+        self.running = False
+        self.observers: list = []  # called as observer(broker, now) on each housekeeping tick
+        self._stop_deadline: float | None = None  # set when the drain starts
+        self._stop_now = False  # a second stop request: no more draining
+        self._signals_seen = 0
+        self._handles_signals = False
+        self.reactor.every(HOUSEKEEPING_INTERVAL, self._housekeeping)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def bind(self) -> None:
+        """Open both listeners; PortError names the port that failed."""
+        config = self.config
+        self.event_listener = Listener(config.host, config.event_port, self.reactor,
+                                       self._on_source_accepted, self._count_accept_error,
+                                       self.problems, keeps_spare=True)
+        try:
+            self.client_listener = Listener(config.host, config.client_port, self.reactor,
+                                            self._on_client_accepted, self._count_accept_error,
+                                            self.problems)
+        except PortError:
+            self._close_listeners()
+            raise
+        log.info("listening events=%s:%d clients=%s:%d", config.host, self.event_port,
+                 config.host, self.client_port)
+
+    @property
+    def event_port(self) -> int:
+        return self.event_listener.port if self.event_listener else 0
+
+    @property
+    def client_port(self) -> int:
+        return self.client_listener.port if self.client_listener else 0
+
+    def install_signal_handlers(self) -> None:
+        """Main thread only. Call before bind(): once the "listening" line is
+        out, a signal must already mean a clean stop, not a traceback."""
+        signal.signal(signal.SIGINT, self.handle_signal)
+        signal.signal(signal.SIGTERM, self.handle_signal)
+        signal.set_wakeup_fd(self.reactor.wakeup_descriptor(), warn_on_full_buffer=False)
+        self._handles_signals = True
+
+    def handle_signal(self, signum, frame) -> None:
+        self._signals_seen += 1
+        if self._signals_seen > 1:
+            # The operator insists: no drain, no cleanup beyond the kernel's,
+            # except giving a terminal its cursor back if the live view hid it.
+            if self.observers and sys.stdout.isatty():
+                os.write(sys.stdout.fileno(), b"\x1b[?25h\n")
+            os._exit(128 + signum)
+        self.request_stop()
+
+    def request_stop(self) -> None:
+        """First call: drain and stop. Called again while draining: stop now.
+        Safe from any thread."""
+        if self.stopping:
+            self._stop_now = True
+        self.stopping = True
+        self.reactor.wake()
+
+    def call_in_loop(self, function: Callable[[], object]) -> None:
+        """Run function() on the loop's thread soon; safe from any thread.
+
+        The one door for other threads (tests, embedders): the loop owns
+        every piece of state, so others ask it rather than read it.
+        """
+        self.reactor.call_in_loop(function)
+
+    def snapshot(self, timeout: float = 5.0, top_clients: int | None = 20) -> BrokerStats:
+        """stats(), taken on the loop's thread; for callers on other threads."""
+        if not self.running:
+            return self.stats(top_clients)
+        result: Future = Future()
+        self.call_in_loop(lambda: result.set_result(self.stats(top_clients)))
+        return result.result(timeout)
+
+    def serve_forever(self) -> None:
+        if self.event_listener is None:
+            self.bind()
+        self.running = True
+        try:
+            while not (self.stopping and self._drain_step()):
+                self.reactor.run_once()
+                if self.source_paused:
+                    self._maybe_resume_source()  # clients may have drained
+        finally:
+            self._close_everything()
+            self.running = False
+
+    def _drain_step(self) -> bool:
+        """Returns True when shutdown is complete."""
+        now = time.monotonic()
+        if self._stop_deadline is None:
+            log.info("stopping: no new clients or events; draining queued notifications "
+                     "(up to %.1f s)", self.config.drain_timeout)
+            self._stop_deadline = now + self.config.drain_timeout
+            self._close_listeners()
+            if self.source is not None:
+                self.source.close(CloseReason.SHUTDOWN)
+            for connection in list(self.awaiting_hello):
+                connection.close(CloseReason.SHUTDOWN)
+        if not self.totals.backlogged:
+            return True
+        if now >= self._stop_deadline or self._stop_now:
+            log.warning("drain timeout: %d clients still had %d bytes queued",
+                        len(self.totals.backlogged), self.totals.queued_bytes)
+            return True
+        return False
+
+    def _close_listeners(self) -> None:
+        for listener in (self.event_listener, self.client_listener):
+            if listener is not None:
+                listener.close()
+        self.event_listener = self.client_listener = None
+
+    def _close_everything(self) -> None:
+        self._close_listeners()
+        if self.source is not None:
+            self.source.close(CloseReason.SHUTDOWN)
+        for connection in list(self.clients):
+            connection.close(CloseReason.SHUTDOWN)
+        if self._handles_signals:
+            signal.set_wakeup_fd(-1)  # never let a late signal write to a reused fd
+        self.reactor.close()
+
+    # -- the event source ----------------------------------------------------
+
+    def _on_source_accepted(self, sock: socket.socket) -> None:
+        if self.source is not None:
+            log.warning("event source %s connected; it takes over from %s",
+                        peer_name(sock), self.source.peer)
+            self.source.close(CloseReason.SOURCE_REPLACED)
+        self.source = SourceConnection(sock, time.monotonic(), self.reactor,
+                                       self.config.read_size,
+                                       self.pipeline.reorder.duplicates,
+                                       self._on_source_data, self._on_source_closed)
+        self.source_connections += 1
+        log.info("event source %s connected; next expected sequence number %d",
+                 self.source.peer, self.pipeline.reorder.next_seq)
+        self.source.read_when_ready(not self.source_paused)
+
+    def _on_source_data(self, data: bytes) -> None:
+        self.pipeline.receive(data)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        if not self.pipeline.dispatch(self._deliver):
+            self._pause_source()
+
+    def _deliver(self, output: Output) -> bool:
+        """The pipeline's deliver(): write, then say whether to go on."""
+        write_output(output)
+        return self.totals.queued_bytes <= self.config.max_buffered
+
+    def _pause_source(self) -> None:
+        if self.source_paused:
+            return
+        self.source_paused = True
+        log.warning("backpressure: %d bytes queued toward clients (--max-buffered=%d); "
+                    "pausing the event source", self.totals.queued_bytes,
+                    self.config.max_buffered)
+        if self.source is not None:
+            self.source.read_when_ready(False)
+
+    def _maybe_resume_source(self) -> None:
+        if not self.source_paused or self.stopping or \
+                self.totals.queued_bytes > self.config.max_buffered // 2:
+            return  # a drain delivers what was dispatched; nothing more is dispatched
+        self.source_paused = False
+        log.info("backpressure relieved: %d bytes queued; resuming the event source",
+                 self.totals.queued_bytes)
+        self._dispatch()
+        if not self.source_paused and self.source is not None:
+            self.source.read_when_ready(True)
+
+    def _on_source_closed(self, source: SourceConnection, reason: CloseReason,
+                          detail: str) -> None:
+        if source is self.source:
+            self.source = None
+        self.pipeline.end_of_stream()
+        self.closes.record("source", source.peer, None, reason, detail)
+        duplicates = self.pipeline.reorder.duplicates - source.duplicates_at_start
+        level = logging.INFO if reason in (CloseReason.SOURCE_QUIT, CloseReason.SHUTDOWN) \
+            else logging.WARNING
+        log.log(level, "event source %s closed: %s%s (read %d bytes, %d events dropped as "
+                "duplicates; next expected sequence number %d)", source.peer, reason.value,
+                f" ({detail})" if detail else "", source.bytes_read, duplicates,
+                self.pipeline.reorder.next_seq)
+
+    # -- user clients --------------------------------------------------------
+
+    def _on_client_accepted(self, sock: socket.socket) -> None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        connection = ClientConnection(sock, time.monotonic(), self.reactor, self.totals,
+                                      self.config.max_client_buffer,
+                                      self._on_client_registered, self._on_client_closed)
+        self.clients[connection] = None
+        self.awaiting_hello[connection] = None
+        log.debug("%s connected", connection.describe())
+
+    def _on_client_registered(self, connection: ClientConnection) -> None:
+        del self.awaiting_hello[connection]
+        self.exchange.subscribe(connection.user_id, connection)
+        log.debug("%s registered", connection.describe())
+
+    def _on_client_closed(self, connection: ClientConnection, reason: CloseReason,
+                          detail: str, unsent: int) -> None:
+        self.clients.pop(connection, None)
+        self.awaiting_hello.pop(connection, None)
+        if connection.user_id is not None:
+            self.exchange.unsubscribe(connection.user_id, connection)
+        self.closes.record("client", connection.peer, connection.user_id, reason, detail)
+        said = f" ({detail})" if detail else ""
+        if reason in (CloseReason.HELLO_TIMEOUT, CloseReason.INVALID_ID):
+            self.problems.warning(reason.value, "%s closed: %s%s", connection.describe(),
+                                  reason.value, said)
+        else:
+            quiet = reason in (CloseReason.CLIENT_QUIT, CloseReason.SHUTDOWN)
+            log.log(logging.INFO if quiet else logging.WARNING,
+                    "%s closed: %s%s; %d notifications sent, %d not delivered",
+                    connection.describe(), reason.value, said,
+                    connection.notifications_sent, unsent)
+
+    def _count_accept_error(self) -> None:
+        self.accept_errors += 1
+
+    # -- timers --------------------------------------------------------------
+
+    def _housekeeping(self, now: float) -> None:
+        """Every HOUSEKEEPING_INTERVAL: timeouts, accept retries, rates, and
+        the observers (the dashboard)."""
+        config = self.config
+        for connection in [c for c in self.awaiting_hello
+                           if now - c.connected_at >= config.hello_timeout]:
+            connection.close(CloseReason.HELLO_TIMEOUT,
+                             f"no user id within {config.hello_timeout:g} s")
+        for connection in [c for c in self.totals.backlogged
+                           if c.stalled(now, config.write_timeout)]:
+            connection.close(CloseReason.SLOW_CONSUMER_TIMEOUT,
+                             f"nothing written for {config.write_timeout:g} s with "
+                             f"{connection.queued_bytes} bytes queued")
+        self.problems.flush()
+        for listener in (self.event_listener, self.client_listener):
+            if listener is not None:
+                listener.resume_if_due(now)
+                listener.take_spare()
+        self.rates.sample(now, self.pipeline.events_in, self.exchange.dispatched,
+                          self.exchange.notifications, self.totals.bytes_sent)
+        for observer in list(self.observers):
+            try:
+                observer(self, now)
+            except Exception as error:
+                # A view must never take the broker down (a closed pipe, a
+                # vanished terminal): drop it and keep serving.
+                self.observers.remove(observer)
+                log.error("status display stopped and removed: %s: %s",
+                          type(error).__name__, error)
+
+    # -- stats ---------------------------------------------------------------
+
+    def stats(self, top_clients: int | None = 20) -> BrokerStats:
+        """A typed snapshot: counters, depths and the deepest queues.
+
+        top_clients bounds the per-connection list (deepest queues first);
+        None lists every connection. Call on the loop's thread (see snapshot()).
+        """
+        now = time.monotonic()
+        pipeline, reorder, exchange = self.pipeline, self.pipeline.reorder, self.exchange
+        connections = list(self.clients)
+        if top_clients is not None and len(connections) > top_clients:
+            connections = heapq.nlargest(top_clients, connections,
+                                         key=lambda c: c.queued_bytes)
+        else:
+            connections.sort(key=lambda c: c.queued_bytes, reverse=True)
+        source = self.source
+        return BrokerStats(
+            uptime=now - self.started_at,
+            started_at=self.started_wall,
+            stopping=self.stopping,
+            source=SourceStats(connected=source is not None,
+                               peer=source.peer if source else None,
+                               paused=self.source_paused,
+                               connections=self.source_connections,
+                               bytes_read=source.bytes_read if source else 0),
+            next_seq=reorder.next_seq,
+            highest_seq=reorder.highest_seq,
+            reorder_depth=len(reorder),
+            reorder_depth_max=reorder.largest_depth,
+            events_in=pipeline.events_in,
+            events_dispatched=exchange.dispatched,
+            notifications=exchange.notifications,
+            bytes_out=self.totals.bytes_sent,
+            clients=len(exchange.subscribers),
+            connections=len(self.clients),
+            awaiting_hello=len(self.awaiting_hello),
+            known_users=len(exchange.following),
+            follows=exchange.follow_count,
+            bytes_queued=self.totals.queued_bytes,
+            rates=self.rates.per_second(),
+            counters=Counters(
+                malformed=pipeline.malformed,
+                unsequenced=pipeline.unsequenced,
+                overlong=pipeline.overlong,
+                duplicate=reorder.duplicates,
+                late=reorder.late,
+                skipped=reorder.skipped,
+                slow_consumers=self.closes.slow_consumers(),
+                follows_refused=exchange.follows_refused,
+                accept_errors=self.accept_errors),
+            closes=self.closes.counts(),
+            limits=replace(self.config),
+            top_clients=tuple(
+                ClientStats(user_id=c.user_id, peer=c.peer,
+                            queued_notifications=c.queued_notifications,
+                            queued_bytes=c.queued_bytes,
+                            notifications_sent=c.notifications_sent,
+                            bytes_sent=c.bytes_sent,
+                            connected_seconds=now - c.connected_at)
+                for c in connections),
+            recently_closed=self.closes.recent(),
+        )
+
+
+# ============================================================================
+# Stats
+#
+# Rules: Broker.stats() returns a BrokerStats, a frozen snapshot of plain
+# values taken on the loop's thread; the status line, the dashboard, the
+# benchmarks and the tests all read that one type, never the broker's
+# insides. Counters are named as the logs name them. Rates come from
+# samples the housekeeping timer takes, so reading them costs the loop
+# nothing.
+# ============================================================================
+
+STATUS_LINE_INTERVAL = 5.0  # seconds between plain status lines
+RATE_SAMPLES = 16  # housekeeping samples the rates average over (about 4 s)
+
+
+@dataclass(frozen=True)
+class SourceStats:
+    connected: bool
+    peer: str | None
+    paused: bool  # by backpressure
+    connections: int  # ever accepted
+    bytes_read: int  # by the current connection
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Per second, over the last few seconds."""
+
+    events_in: float
+    events_out: float
+    notifications: float
+    bytes_out: float
+
+
+@dataclass(frozen=True)
+class Counters:
+    """Inputs dropped or refused and connections cut off, by the names the
+    logs and docs/behaviour.md use."""
+
+    malformed: int
+    unsequenced: int
+    overlong: int
+    duplicate: int
+    late: int
+    skipped: int
+    slow_consumers: int
+    follows_refused: int
+    accept_errors: int
+
+    def items(self) -> list[tuple[str, int]]:
+        return [(item.name, getattr(self, item.name)) for item in fields(self)]
+
+
+@dataclass(frozen=True)
+class ClientStats:
+    user_id: int | None  # None until its hello line is read
+    peer: str
+    queued_notifications: int
+    queued_bytes: int
+    notifications_sent: int
+    bytes_sent: int
+    connected_seconds: float
+
+
+@dataclass(frozen=True)
+class ClosedConnection:
+    kind: str  # "client" or "source"
+    peer: str
+    user_id: int | None
+    reason: CloseReason
+    detail: str
+    at: float  # wall-clock time
+
+
+@dataclass(frozen=True)
+class BrokerStats:
+    uptime: float
+    started_at: float  # wall-clock time
+    stopping: bool
+    source: SourceStats
+    next_seq: int
+    highest_seq: int
+    reorder_depth: int
+    reorder_depth_max: int
+    events_in: int  # lines with a valid sequence number
+    events_dispatched: int
+    notifications: int
+    bytes_out: int
+    clients: int  # registered connections
+    connections: int  # every client connection, registered or not
+    awaiting_hello: int
+    known_users: int  # users that follow someone
+    follows: int
+    bytes_queued: int
+    rates: Rates
+    counters: Counters
+    closes: dict[str, int]  # by CloseReason value
+    limits: BrokerConfig
+    top_clients: tuple[ClientStats, ...]  # deepest queues first
+    recently_closed: tuple[ClosedConnection, ...]  # oldest first
+
+
+class CloseLedger:
+    """Every close, counted by reason, and the last few for the dashboard."""
+
+    def __init__(self):
+        self._counts = dict.fromkeys(CloseReason, 0)
+        self._recent: deque[ClosedConnection] = deque(maxlen=RECENTLY_CLOSED_KEPT)
+
+    def record(self, kind: str, peer: str, user_id: int | None, reason: CloseReason,
+               detail: str) -> None:
+        self._counts[reason] += 1
+        self._recent.append(ClosedConnection(kind, peer, user_id, reason, detail, time.time()))
+
+    def counts(self) -> dict[str, int]:
+        return {reason.value: count for reason, count in self._counts.items()}
+
+    def slow_consumers(self) -> int:
+        return sum(count for reason, count in self._counts.items() if reason.is_slow_consumer)
+
+    def recent(self) -> tuple[ClosedConnection, ...]:
+        return tuple(self._recent)
+
+
+class RateMeter:
+    """Per-second rates from the counters' values at the last few ticks."""
+
+    def __init__(self):
+        self._samples: deque[tuple[float, int, int, int, int]] = deque(maxlen=RATE_SAMPLES)
+
+    def sample(self, now: float, events_in: int, events_out: int, notifications: int,
+               bytes_out: int) -> None:
+        self._samples.append((now, events_in, events_out, notifications, bytes_out))
+
+    def per_second(self) -> Rates:
+        samples = self._samples
+        if len(samples) < 2 or samples[-1][0] <= samples[0][0]:
+            return Rates(0.0, 0.0, 0.0, 0.0)
+        first, last = samples[0], samples[-1]
+        elapsed = last[0] - first[0]
+        return Rates(*((last[index] - first[index]) / elapsed for index in range(1, 5)))
+
+
+def format_status_line(snapshot: BrokerStats) -> str:
     """One plain line for logs and non-terminal --dashboard output."""
-    counters = snapshot["counters"]
-    source = snapshot["source"]
-    source_state = ("paused" if source["paused"] else "connected") if source["connected"] \
+    counters = snapshot.counters
+    source = snapshot.source
+    source_state = ("paused" if source.paused else "connected") if source.connected \
         else "disconnected"
-    return (f"up {snapshot['uptime']:.0f}s source={source_state} "
-            f"next_seq={snapshot['next_seq']} highest_seq={snapshot['highest_seq']} "
-            f"reorder={snapshot['reorder_depth']} events={snapshot['events_dispatched']} "
-            f"notifications={snapshot['notifications']} clients={snapshot['clients']} "
-            f"queued_bytes={snapshot['bytes_queued']} malformed={counters['malformed']} "
-            f"duplicate={counters['duplicate']} skipped={counters['skipped']} "
-            f"slow_consumers={counters['slow_consumers']}")
+    return (f"up {snapshot.uptime:.0f}s source={source_state} "
+            f"next_seq={snapshot.next_seq} highest_seq={snapshot.highest_seq} "
+            f"reorder={snapshot.reorder_depth} events={snapshot.events_dispatched} "
+            f"notifications={snapshot.notifications} clients={snapshot.clients} "
+            f"queued_bytes={snapshot.bytes_queued} malformed={counters.malformed} "
+            f"duplicate={counters.duplicate} skipped={counters.skipped} "
+            f"slow_consumers={counters.slow_consumers}")
 
 
 class StatusLinePrinter:
@@ -1658,6 +2009,16 @@ def _can_write_now(stream) -> bool:
     except (OSError, ValueError):
         return True
 
+
+# ============================================================================
+# Dashboard
+#
+# Rules: everything runs on the loop's thread, from the housekeeping timer,
+# and never makes the loop wait: a terminal or pipe that stops reading makes
+# the view skip frames. Rendering is a pure function of a BrokerStats. rich
+# is imported only when --dashboard asks for it, so the broker runs on a
+# bare Python.
+# ============================================================================
 
 DASHBOARD_MAX_CLIENT_ROWS = 100  # most queue rows ever asked of stats(), however tall the terminal
 DASHBOARD_MIN_CLIENT_ROWS = 3  # queue rows kept before the recently-closed list gets any room
@@ -1759,57 +2120,57 @@ def _packed_lines(label: str, items: list, width: int) -> list:
     return lines
 
 
-def _source_parts(snapshot: dict) -> list:
-    source = snapshot["source"]
-    if not source["connected"]:
-        so_far = source["connections"]
+def _source_parts(snapshot: BrokerStats) -> list:
+    source = snapshot.source
+    if not source.connected:
+        so_far = source.connections
         return ["not connected" + (f" ({so_far} connections so far)" if so_far else "")]
-    parts = [f"connected {source['peer']}  "]
-    if source["paused"]:
+    parts = [f"connected {source.peer}  "]
+    if source.paused:
         # Backpressure: the broker has stopped reading so the source's TCP
         # window fills; the operator must see this before anything else.
         parts.append(("PAUSED by backpressure", "bold red"))
     else:
         parts.append("reading")
-    parts.append(f"  {_size(source['bytes_read'])} read")
+    parts.append(f"  {_size(source.bytes_read)} read")
     return parts
 
 
-def _header_lines(snapshot: dict, width: int) -> list:
+def _header_lines(snapshot: BrokerStats, width: int) -> list:
     from rich.text import Text
 
-    limits = snapshot["limits"]
-    rates = snapshot["rates"]
-    counters = snapshot["counters"]
+    limits = snapshot.limits
+    rates = snapshot.rates
+    counters = snapshot.counters
 
     title = Text(no_wrap=True, overflow="ellipsis")
     title.append("mbroker", style="bold")
-    title.append(f"  up {_duration(snapshot['uptime'])}")
-    if snapshot.get("stopping"):
+    title.append(f"  up {_duration(snapshot.uptime)}")
+    if snapshot.stopping:
         title.append("  STOPPING: draining queued notifications", style="bold yellow")
 
-    depth, max_pending = snapshot["reorder_depth"], limits["max_pending"]
-    queued, max_buffered = snapshot["bytes_queued"], limits["max_buffered"]
-    awaiting = snapshot["awaiting_hello"]
+    depth, max_pending = snapshot.reorder_depth, limits.max_pending
+    queued, max_buffered = snapshot.bytes_queued, limits.max_buffered
+    awaiting = snapshot.awaiting_hello
     lines = [
         title,
         _line("source", *_source_parts(snapshot)),
-        _line("sequence", f"next {_count(snapshot['next_seq'])}"
-                          f"  highest seen {_count(snapshot['highest_seq'])}"),
+        _line("sequence", f"next {_count(snapshot.next_seq)}"
+                          f"  highest seen {_count(snapshot.highest_seq)}"),
         _line("reorder", (f"{_count(depth)} waiting", _fill_style(depth, max_pending)),
-              f"  largest {_count(snapshot['reorder_depth_max'])}"
+              f"  largest {_count(snapshot.reorder_depth_max)}"
               f"  limit {_count(max_pending)}"),
-        _line("rates", f"events in {_rate(rates['events_in'])}"
-                       f"  out {_rate(rates['events_out'])}"
-                       f"  notifications {_rate(rates['notifications'])}"),
-        _line("output", f"{_size(rates['bytes_out'])}/s  ",
+        _line("rates", f"events in {_rate(rates.events_in)}"
+                       f"  out {_rate(rates.events_out)}"
+                       f"  notifications {_rate(rates.notifications)}"),
+        _line("output", f"{_size(rates.bytes_out)}/s  ",
               (f"{_size(queued)} queued", _fill_style(queued, max_buffered)),
               f" (source pauses at {_size(max_buffered)})"),
-        _line("clients", f"{_count(snapshot['connections'])} connections"
-                         f"  {_count(snapshot['clients'])} users",
+        _line("clients", f"{_count(snapshot.connections)} connections"
+                         f"  {_count(snapshot.clients)} users",
               (f"  {_count(awaiting)} awaiting id" if awaiting else "")),
-        _line("graph", f"{_count(snapshot['known_users'])} known users"
-                       f"  {_count(snapshot['follows'])} follows"),
+        _line("graph", f"{_count(snapshot.known_users)} known users"
+                       f"  {_count(snapshot.follows)} follows"),
     ]
     # Zero counters are dimmed so the ones that moved stand out; the names
     # are the ones the logs and stats() use, so an operator can grep for them.
@@ -1817,7 +2178,7 @@ def _header_lines(snapshot: dict, width: int) -> list:
         (name, _count(value), "" if value else "dim") for name, value in counters.items()
     ], width)
     closes = [(reason, _count(count), "yellow" if reason.startswith("slow_consumer") else "")
-              for reason, count in snapshot["closes"].items() if count]
+              for reason, count in snapshot.closes.items() if count]
     lines += _packed_lines("closes", closes, width) if closes else [_line("closes", "none yet")]
     return lines
 
@@ -1836,7 +2197,7 @@ COLUMN_GAP = 2
 MIN_PEER_WIDTH = 9
 
 
-def _client_rows(snapshot: dict, rows: int, width: int) -> list:
+def _client_rows(snapshot: BrokerStats, rows: int, width: int) -> list:
     """The deepest queues as fixed-width lines, header first.
 
     Laid out by hand rather than with rich's Table: measuring a Table costs
@@ -1845,22 +2206,22 @@ def _client_rows(snapshot: dict, rows: int, width: int) -> list:
     """
     from rich.text import Text
 
-    max_client_buffer = snapshot["limits"]["max_client_buffer"]
+    max_client_buffer = snapshot.limits.max_client_buffer
     cell_rows, styles = [], []
-    for client in snapshot["top_clients"][:rows]:
-        queued_bytes = client["queued_bytes"]
+    for client in snapshot.top_clients[:rows]:
+        queued_bytes = client.queued_bytes
         style = _fill_style(queued_bytes, max_client_buffer)
         bytes_cell = _size(queued_bytes)
         if style:
             # Near the limit: say how near, since past it the client is cut off.
             bytes_cell += f" {100 * queued_bytes / max_client_buffer:.0f}%"
-        user = client["user_id"]
+        user = client.user_id
         cell_rows.append(("(no id)" if user is None else str(user),
-                          client["peer"],
-                          _count(client["queued_notifications"]),
+                          client.peer,
+                          _count(client.queued_notifications),
                           bytes_cell,
-                          _count(client["notifications_sent"]),
-                          _duration(client["connected_seconds"])))
+                          _count(client.notifications_sent),
+                          _duration(client.connected_seconds)))
         styles.append(style)
 
     widths = []
@@ -1893,23 +2254,23 @@ def _client_rows(snapshot: dict, rows: int, width: int) -> list:
     return lines
 
 
-def _closed_line(closed: dict):
+def _closed_line(closed: ClosedConnection):
     from rich.text import Text
 
     line = Text(no_wrap=True, overflow="ellipsis")
-    line.append(time.strftime("%H:%M:%S", time.localtime(closed["at"])) + "  ")
-    who = closed["kind"]
-    if closed["user_id"] is not None:
-        who += f" {closed['user_id']}"
-    line.append(f"{who}  {closed['peer']}  ")
-    reason = closed["reason"]
-    line.append(reason, style="yellow" if reason.startswith("slow_consumer") else "")
-    if closed["detail"]:
-        line.append(f"  {closed['detail']}")
+    line.append(time.strftime("%H:%M:%S", time.localtime(closed.at)) + "  ")
+    who = closed.kind
+    if closed.user_id is not None:
+        who += f" {closed.user_id}"
+    line.append(f"{who}  {closed.peer}  ")
+    reason = closed.reason
+    line.append(reason.value, style="yellow" if reason.is_slow_consumer else "")
+    if closed.detail:
+        line.append(f"  {closed.detail}")
     return line
 
 
-def render_dashboard(snapshot: dict, width: int = 80, height: int = 24):
+def render_dashboard(snapshot: BrokerStats, width: int = 80, height: int = 24):
     """The dashboard for one stats() snapshot, fitted to width x height.
 
     Pure: no clock but for formatting timestamps, no broker; the live view and
@@ -1922,8 +2283,8 @@ def render_dashboard(snapshot: dict, width: int = 80, height: int = 24):
 
     header = _header_lines(snapshot, width)[:height]
     room = height - len(header)
-    top_clients = snapshot["top_clients"]
-    closed = list(reversed(snapshot["recently_closed"][-DASHBOARD_CLOSED_ROWS:]))
+    top_clients = snapshot.top_clients
+    closed = list(reversed(snapshot.recently_closed[-DASHBOARD_CLOSED_ROWS:]))
 
     # The queue table costs a blank line, its title and its header; the
     # recently-closed list a blank line and its title. The queues come first:
@@ -1939,7 +2300,7 @@ def render_dashboard(snapshot: dict, width: int = 80, height: int = 24):
     parts = [*header]
     if client_rows >= 1:
         parts.append(Text(""))
-        total = snapshot["connections"]
+        total = snapshot.connections
         title = Text("deepest client queues", style="bold", no_wrap=True, overflow="ellipsis")
         if top_clients:
             shown = min(len(top_clients), client_rows)
@@ -2058,10 +2419,8 @@ class NonBlockingTerminal:
     description only, not to stdout or stderr. What the terminal does not
     take now (Ctrl-S, a stuck tmux pane, a stalled ssh session) is kept and
     sent on later ticks; meanwhile the dashboard skips frames, and past
-    MAX_PENDING further output (log lines) is dropped rather than buffered.
+    TERMINAL_MAX_PENDING further output (log lines) is dropped rather than buffered.
     """
-
-    MAX_PENDING = 1 << 20
 
     def __init__(self, descriptor: int, encoding: str):
         self.descriptor = descriptor
@@ -2080,7 +2439,7 @@ class NonBlockingTerminal:
         return cls(descriptor, getattr(stream, "encoding", None) or "utf-8")
 
     def write(self, text: str) -> int:
-        if len(self.pending) > self.MAX_PENDING:
+        if len(self.pending) > TERMINAL_MAX_PENDING:
             self.dropped += len(text)
         else:
             self.pending += text.encode(self.encoding, "replace")
@@ -2128,8 +2487,9 @@ def make_dashboard(stream=None) -> LiveDashboard | StatusLinePrinter:
     try:
         dashboard = LiveDashboard(stream)
     except ImportError:
-        log.warning("rich is not installed: --dashboard prints a status line every %g s",
-                    STATUS_LINE_INTERVAL)
+        log.warning("rich is not installed (pip install rich, or pip install "
+                    "'mbroker[dashboard]'): --dashboard prints a status line every %g s "
+                    "instead", STATUS_LINE_INTERVAL)
         return StatusLinePrinter(stream)
     if not dashboard.console.is_interactive:
         return StatusLinePrinter(stream)
@@ -2137,47 +2497,37 @@ def make_dashboard(stream=None) -> LiveDashboard | StatusLinePrinter:
 
 
 # ============================================================================
-# Command line
+# Command line and Python entry points
 #
-# Rules: parse, configure logging, bind (a busy port is one line and exit
-# code 2), serve until a signal, exit 0. No traceback reaches the operator.
+# Rules: the options come from BrokerConfig's metadata, nowhere else. Parse,
+# configure logging, bind (a busy port is one line and exit code 2), serve
+# until a signal, exit 0; a bad option value is one line and exit code 2. No
+# traceback reaches the operator. running() gives Python callers the same
+# broker on a background thread.
 # ============================================================================
 
-OPTION_HELP = {
-    "host": "address to listen on (the event port lets anyone publish to every user)",
-    "max_line": "longest event line in bytes before its newline; longer ones are discarded",
-    "max_pending": "reorder buffer size in events; past it the lowest missing "
-                   "sequence numbers are declared lost",
-    "hello_timeout": "seconds a new client has to send its user id",
-    "max_client_buffer": "bytes queued for one client before it is cut off as a slow consumer",
-    "write_timeout": "seconds a client may have bytes queued with none written "
-                     "before it is cut off as a slow consumer",
-    "max_buffered": "bytes queued for all clients together before the event source is "
-                    "paused (resumed below half)",
-    "drain_timeout": "seconds to deliver queued notifications on SIGINT/SIGTERM",
-    "max_follows": "follow relations kept at most; new follows past it are refused "
-                   "(counted as follows_refused)",
-}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def build_argument_parser() -> argparse.ArgumentParser:
-    defaults = BrokerConfig()
     parser = argparse.ArgumentParser(
         prog="mbroker",
         description="Follower-maze message broker: reorders the event source's stream "
                     "and forwards each event to the user clients it concerns.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("event_port", nargs="?", type=int, default=defaults.event_port,
-                        help="port the event source connects to (0: any free port)")
-    parser.add_argument("client_port", nargs="?", type=int, default=defaults.client_port,
-                        help="port user clients connect to (0: any free port)")
-    for name, help_text in OPTION_HELP.items():
-        default = getattr(defaults, name)
-        parser.add_argument("--" + name.replace("_", "-"), type=type(default),
-                            default=default, help=help_text)
-    parser.add_argument("--log-level", default="INFO",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="logging threshold (logs go to stderr)")
+    for item in fields(BrokerConfig):
+        help_text = item.metadata.get("help")
+        if help_text is None:
+            continue  # tuning, not an option
+        positional = item.metadata.get("positional")
+        if positional:
+            parser.add_argument(item.name, metavar=positional, nargs="?",
+                                type=type(item.default), default=item.default, help=help_text)
+        else:
+            parser.add_argument("--" + item.name.replace("_", "-"), type=type(item.default),
+                                default=item.default, help=help_text)
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                        help="logging threshold, in any case (logs go to stderr)")
     parser.add_argument("--dashboard", action="store_true",
                         help="live rich view on a terminal; a plain status line every "
                              f"{STATUS_LINE_INTERVAL:g} s otherwise")
@@ -2185,29 +2535,14 @@ def build_argument_parser() -> argparse.ArgumentParser:
 
 
 def config_from_arguments(arguments: argparse.Namespace) -> BrokerConfig:
-    config = BrokerConfig(event_port=arguments.event_port, client_port=arguments.client_port)
-    for name in OPTION_HELP:
-        setattr(config, name, getattr(arguments, name))
-    return config
-
-
-def validate_config(config: BrokerConfig) -> str | None:
-    for name in ("event_port", "client_port"):
-        if not 0 <= getattr(config, name) <= 65535:
-            return f"--{name.replace('_', '-')} must be between 0 and 65535"
-    for name in ("max_line", "max_pending", "max_client_buffer", "max_buffered"):
-        if getattr(config, name) < 1:
-            return f"--{name.replace('_', '-')} must be at least 1"
-    for name in ("hello_timeout", "write_timeout", "drain_timeout"):
-        if not getattr(config, name) > 0:  # also refuses nan
-            return f"--{name.replace('_', '-')} must be positive"
-    return None
+    return BrokerConfig(**{item.name: getattr(arguments, item.name)
+                           for item in fields(BrokerConfig) if "help" in item.metadata})
 
 
 def main(argv: list[str] | None = None) -> int:
     arguments = build_argument_parser().parse_args(argv)
     config = config_from_arguments(arguments)
-    problem = validate_config(config)
+    problem = config.problem()
     if problem:
         print(f"mbroker: {problem}", file=sys.stderr)
         return 2
@@ -2234,6 +2569,57 @@ def main(argv: list[str] | None = None) -> int:
             dashboard.stop()  # the last frame stays; the cursor and logging come back
     log.info("stopped")
     return 0
+
+
+class RunningBroker:
+    """A broker serving on a background thread; see running()."""
+
+    def __init__(self, config: BrokerConfig):
+        self.broker = Broker(config)
+        self.broker.bind()
+        self.event_port = self.broker.event_port
+        self.client_port = self.broker.client_port
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._serve, daemon=True,
+                                        name=f"mbroker:{self.event_port}")
+        self._thread.start()
+
+    def _serve(self) -> None:
+        try:
+            self.broker.serve_forever()
+        except BaseException as error:  # handed to the thread that calls stop()
+            self._error = error
+
+    def stats(self, top_clients: int | None = 20, timeout: float = 5.0) -> BrokerStats:
+        """A snapshot taken on the broker's own thread."""
+        return self.broker.snapshot(timeout, top_clients)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Drain and stop (as SIGTERM would); re-raise any error of the loop."""
+        self.broker.request_stop()
+        self._thread.join(timeout if timeout is not None
+                          else self.broker.config.drain_timeout + 5.0)
+        if self._thread.is_alive():
+            raise TimeoutError("the broker did not stop in time")
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+@contextlib.contextmanager
+def running(event_port: int = 0, client_port: int = 0, **options) -> Iterator[RunningBroker]:
+    """A broker on a background thread for the with block; both ports listen
+    when it starts, and leaving the block drains and stops it, re-raising any
+    error from its loop. Options are BrokerConfig's fields."""
+    config = BrokerConfig(event_port=event_port, client_port=client_port, **options)
+    problem = config.problem()
+    if problem:
+        raise ValueError(problem)
+    broker = RunningBroker(config)
+    try:
+        yield broker
+    finally:
+        broker.stop()
 
 
 if __name__ == "__main__":

@@ -2,12 +2,12 @@
 
 A seeded workload from tools/maze.py's generator is built before the clock starts. Each
 round then feeds the event stream to a fresh EventPipeline + Exchange with one in-memory
-mbroker.Subscriber per connected user, the way the reactor does it: the stream arrives
-in pieces of the reactor's read size, is dispatched in slices of its dispatch_slice
-lines, and every flush_lines lines (or sooner, when the fan-out budget is spent) each
-touched subscriber's lines are "flushed" (joined with b"\\n" plus a trailing b"\\n",
-and cleared). The flushed bytes of the last round are
-compared with the generator's expected bytes for every user.
+mbroker.Subscriber per connected user, through EventPipeline.dispatch, the driver the
+reactor calls: the stream arrives in pieces of the reactor's read size, is dispatched in
+slices of dispatch_slice lines, and every flush_lines lines (or sooner, when the fan-out
+budget is spent) each touched subscriber's lines are handed over, joined into one buffer.
+The bytes handed over in the last round are compared with the generator's expected bytes
+for every user.
 """
 
 from __future__ import annotations
@@ -51,40 +51,31 @@ class CoreRound:
 
     def __init__(self, connected_users: list[int], config: mbroker.BrokerConfig):
         self.exchange = mbroker.Exchange(config.max_follows)
-        self.pipeline = mbroker.EventPipeline(self.exchange, config.max_line,
-                                              config.max_pending)
-        self.dispatch_slice = config.dispatch_slice
-        self.flush_lines = config.flush_lines
-        # What each user was "sent", one bytes object per flush.
+        self.pipeline = mbroker.EventPipeline(self.exchange, config)
+        # What each user was "sent", one bytes object per hand-over.
         self.sent: dict[int, list[bytes]] = {user: [] for user in connected_users}
         for user in connected_users:
             self.exchange.subscribe(user, mbroker.Subscriber(user))
         self.seconds = 0.0
 
     def run(self, pieces: list[bytes]) -> CoreRound:
-        """The measured work: every piece through the pipeline, flushing as the reactor does."""
+        """The measured work: every piece through the pipeline's one driver,
+        EventPipeline.dispatch, which the reactor calls too."""
         started = time.perf_counter()
         pipeline = self.pipeline
-        dispatch_slice = self.dispatch_slice
-        flush_lines = self.flush_lines
-        flush = self._flush
+        deliver = self._deliver
         for piece in pieces:
             pipeline.receive(piece)
-            unflushed = 0
-            while not pipeline.run(dispatch_slice):
-                unflushed += dispatch_slice
-                if unflushed >= flush_lines or pipeline.holding:
-                    unflushed = 0
-                    flush()
-            flush()
+            pipeline.dispatch(deliver)
         self.seconds = time.perf_counter() - started
         return self
 
-    def _flush(self) -> None:
-        # The reactor's _flush, minus the socket: one joined buffer per touched client.
+    def _deliver(self, output) -> bool:
+        # The reactor's deliver, minus the socket: one joined buffer per touched client.
         sent = self.sent
-        for subscriber, data, _count in self.exchange.take_output():
+        for subscriber, data, _count in output:
             sent[subscriber.user_id].append(data)
+        return True
 
     def output(self) -> dict[int, bytes]:
         return {user: b"".join(chunks) for user, chunks in self.sent.items()}

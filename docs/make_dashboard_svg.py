@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,52 +48,52 @@ WIDTH, HEIGHT = 80, 30
 PICTURE_TIME = 1_767_225_600.0 + 3 * 3600 + 25 * 60  # 2026-01-01 03:25:00 UTC
 
 
-def fixed_snapshot() -> dict:
+def fixed_snapshot() -> mbroker.BrokerStats:
     """A broker forty minutes into a 10-million-event run, under some strain."""
     broker = mbroker.Broker(mbroker.BrokerConfig(event_port=9090, client_port=9099))
     try:
         snapshot = broker.stats()
     finally:
-        broker.selector.close()
-    snapshot.update(uptime=2437.0, next_seq=6_120_417, highest_seq=6_498_310,
-                    reorder_depth=612_904, reorder_depth_max=640_221,
-                    events_in=6_733_321, events_dispatched=6_120_416,
-                    notifications=31_877_950, bytes_out=703_511_268, clients=1_000,
-                    connections=1_002, awaiting_hello=2, known_users=1_000,
-                    follows=48_211, bytes_queued=41 * MIB + 337_120)
-    snapshot["source"].update(connected=True, peer="127.0.0.1:51734", paused=False,
-                              connections=1, bytes_read=148_337_204)
-    snapshot["rates"] = {"events_in": 148_212.0, "events_out": 147_990.0,
-                         "notifications": 771_402.0, "bytes_out": 17_020_113.0}
-    snapshot["counters"].update(malformed=3, duplicate=120, slow_consumers=2)
-    snapshot["closes"].update(client_quit=14, slow_consumer_buffer=1,
-                              slow_consumer_timeout=1, invalid_id=3)
+        broker.reactor.close()
     deep = [(417, 15_903_112, 183_410), (88, 9_201_677, 105_881), (902, 6_020_118, 69_001)]
-    top = [{"user_id": user, "peer": f"10.0.3.{user % 250}:{40100 + user}",
-            "queued_notifications": notifications, "queued_bytes": queued,
-            "notifications_sent": 31_000 + user * 7, "bytes_sent": 0,
-            "connected_seconds": 2400.0 - user}
+    top = [mbroker.ClientStats(user_id=user, peer=f"10.0.3.{user % 250}:{40100 + user}",
+                               queued_notifications=notifications, queued_bytes=queued,
+                               notifications_sent=31_000 + user * 7, bytes_sent=0,
+                               connected_seconds=2400.0 - user)
            for user, queued, notifications in deep]
     shallow = random.Random(7)
     for index in range(30):
         user = shallow.randrange(1, 1000)
         queued = 600_000 // (index + 1)
-        top.append({"user_id": user, "peer": f"10.0.3.{user % 250}:{40100 + user}",
-                    "queued_notifications": queued // 23, "queued_bytes": queued,
-                    "notifications_sent": 31_000 + user * 7, "bytes_sent": 0,
-                    "connected_seconds": 2430.0 - index})
-    snapshot["top_clients"] = top
-    snapshot["recently_closed"] = [
-        {"kind": "client", "peer": "10.0.3.61:40661", "user_id": 561, "reason": "client_quit",
-         "detail": "", "at": PICTURE_TIME - 95},
-        {"kind": "client", "peer": "10.0.3.23:40373", "user_id": 273,
-         "reason": "slow_consumer_timeout",
-         "detail": "nothing written for 10 s with 3211008 bytes queued", "at": PICTURE_TIME - 41},
-        {"kind": "client", "peer": "10.0.3.9:41109", "user_id": 1009,
-         "reason": "slow_consumer_buffer", "detail": "16777731 bytes queued, limit 16777216",
-         "at": PICTURE_TIME - 3},
+        top.append(mbroker.ClientStats(
+            user_id=user, peer=f"10.0.3.{user % 250}:{40100 + user}",
+            queued_notifications=queued // 23, queued_bytes=queued,
+            notifications_sent=31_000 + user * 7, bytes_sent=0,
+            connected_seconds=2430.0 - index))
+    reasons = mbroker.CloseReason
+    closed = [
+        ("10.0.3.61:40661", 561, reasons.CLIENT_QUIT, "", PICTURE_TIME - 95),
+        ("10.0.3.23:40373", 273, reasons.SLOW_CONSUMER_TIMEOUT,
+         "nothing written for 10 s with 3211008 bytes queued", PICTURE_TIME - 41),
+        ("10.0.3.9:41109", 1009, reasons.SLOW_CONSUMER_BUFFER,
+         "16777731 bytes queued, limit 16777216", PICTURE_TIME - 3),
     ]
-    return snapshot
+    return replace(
+        snapshot, uptime=2437.0, next_seq=6_120_417, highest_seq=6_498_310,
+        reorder_depth=612_904, reorder_depth_max=640_221, events_in=6_733_321,
+        events_dispatched=6_120_416, notifications=31_877_950, bytes_out=703_511_268,
+        clients=1_000, connections=1_002, awaiting_hello=2, known_users=1_000,
+        follows=48_211, bytes_queued=41 * MIB + 337_120,
+        source=mbroker.SourceStats(connected=True, peer="127.0.0.1:51734", paused=False,
+                                   connections=1, bytes_read=148_337_204),
+        rates=mbroker.Rates(events_in=148_212.0, events_out=147_990.0,
+                            notifications=771_402.0, bytes_out=17_020_113.0),
+        counters=replace(snapshot.counters, malformed=3, duplicate=120, slow_consumers=2),
+        closes={**snapshot.closes, "client_quit": 14, "slow_consumer_buffer": 1,
+                "slow_consumer_timeout": 1, "invalid_id": 3},
+        top_clients=tuple(top),
+        recently_closed=tuple(mbroker.ClosedConnection("client", peer, user, reason, detail, at)
+                              for peer, user, reason, detail, at in closed))
 
 
 MAZE = ROOT / "tools" / "maze.py"
@@ -120,7 +121,7 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.1) -> Non
         time.sleep(interval)
 
 
-def live_snapshot(seconds: float) -> dict:
+def live_snapshot(seconds: float) -> mbroker.BrokerStats:
     """A real broker's stats() after `seconds` of a maze load run."""
     users = MAZE_CLIENTS * 10  # maze's default numberOfUsers
     taken = maze_connected_users(MAZE_CLIENTS, users, MAZE_SEED)
@@ -142,7 +143,7 @@ def live_snapshot(seconds: float) -> dict:
         stalled.settimeout(5)
         stalled.connect(("127.0.0.1", broker.client_port))
         stalled.sendall(f"{stalled_user}\r\n".encode())
-        wait_for(lambda: broker.snapshot(top_clients=0)["clients"] == 1, 5,
+        wait_for(lambda: broker.snapshot(top_clients=0).clients == 1, 5,
                  "the extra client to register")
 
         command = [sys.executable, str(MAZE), "--host", "127.0.0.1",
@@ -157,7 +158,7 @@ def live_snapshot(seconds: float) -> dict:
             if maze.poll() is not None:
                 raise RuntimeError(f"maze exited early with code {maze.returncode}")
             snapshot = broker.snapshot(top_clients=0)
-            return snapshot["clients"] > MAZE_CLIENTS and snapshot["events_in"] > 0
+            return snapshot.clients > MAZE_CLIENTS and snapshot.events_in > 0
 
         wait_for(loaded, STARTUP_TIMEOUT, "maze to connect and send")
         time.sleep(seconds)  # rates are averaged over the last few seconds

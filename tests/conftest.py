@@ -133,8 +133,8 @@ def connect_client(port: int, user_id: int | bytes, wait_registered: RunningBrok
     hello = user_id if isinstance(user_id, bytes) else f"{user_id}\r\n".encode()
     sock.sendall(hello)
     if wait_registered is not None:
-        wait_until(lambda: any(c["user_id"] == int(hello.strip() or 0) for c in
-                               wait_registered.stats()["top_clients"]))
+        wait_until(lambda: any(c.user_id == int(hello.strip() or 0) for c in
+                               wait_registered.stats().top_clients))
     return sock
 
 

@@ -41,7 +41,7 @@ def test_full_outbound_buffers_pause_the_source_until_clients_drain_and_nothing_
     for _ in range(STALLED_CLIENTS):
         sock = tiny_receiver(running.client_port, USER, rcvbuf=4096)
         readers.append(Reader(sock, expected=len(stream), timeout=10, start_event=go))
-    wait_until(lambda: running.stats()["clients"] == STALLED_CLIENTS)
+    wait_until(lambda: running.stats().clients == STALLED_CLIENTS)
     for reader in readers:
         reader.start()  # each waits for `go` before reading anything
     source = small_sender(running.event_port, sndbuf=65536)
@@ -55,13 +55,13 @@ def test_full_outbound_buffers_pause_the_source_until_clients_drain_and_nothing_
         for reader in readers:
             reader.expected = len(stream)
         stats = running.stats()
-        assert stats["source"]["paused"], stats["source"]
-        assert stats["bytes_queued"] > MAX_BUFFERED
-        read_before = stats["source"]["bytes_read"]
+        assert stats.source.paused, stats.source
+        assert stats.bytes_queued > MAX_BUFFERED
+        read_before = stats.source.bytes_read
         time.sleep(0.3)
         stats = running.stats()
-        assert stats["source"]["bytes_read"] == read_before, "a paused source is still read"
-        assert stats["counters"]["slow_consumers"] == 0
+        assert stats.source.bytes_read == read_before, "a paused source is still read"
+        assert stats.counters.slow_consumers == 0
         # the clients start reading: the broker drains, resumes and takes the rest
         go.set()
         source.settimeout(15)
@@ -73,9 +73,9 @@ def test_full_outbound_buffers_pause_the_source_until_clients_drain_and_nothing_
         assert len(received) == len(stream), f"client {index}: {len(received)} bytes"
         assert received == stream, f"client {index}: stream not complete and in order"
     stats = running.stats()
-    assert not stats["source"]["paused"]
-    assert stats["counters"]["slow_consumers"] == 0
-    assert stats["events_dispatched"] == total_events
+    assert not stats.source.paused
+    assert stats.counters.slow_consumers == 0
+    assert stats.events_dispatched == total_events
     messages = [r.getMessage() for r in caplog.records]
     assert any("pausing the event source" in m for m in messages), messages
     relieved = [m for m in messages if "backpressure relieved" in m]
@@ -95,7 +95,7 @@ def test_broadcast_fan_out_to_many_stalled_clients_stays_near_the_limit(start_br
     line_length = 1000
     running = start_broker(max_buffered=limit, write_timeout=60.0)
     stalled = [tiny_receiver(running.client_port, user, rcvbuf=4096) for user in range(clients)]
-    wait_until(lambda: running.stats()["clients"] == clients)
+    wait_until(lambda: running.stats().clients == clients)
     peak = 0
     source = small_sender(running.event_port)
     pad = b"0" * (line_length - 10)
@@ -104,11 +104,11 @@ def test_broadcast_fan_out_to_many_stalled_clients_stays_near_the_limit(start_br
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline:
         stats = running.stats()
-        peak = max(peak, stats["bytes_queued"])
-        if stats["source"]["paused"]:
+        peak = max(peak, stats.bytes_queued)
+        if stats.source.paused:
             break
         time.sleep(0.02)
-    assert running.stats()["source"]["paused"], f"source not paused after {sent} bytes"
+    assert running.stats().source.paused, f"source not paused after {sent} bytes"
     # One slice may pass the limit by its fan-out budget (an eighth of the
     # limit) plus one broadcast to every client, never by a whole read.
     bound = limit + limit // 8 + clients * line_length

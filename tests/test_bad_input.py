@@ -75,15 +75,15 @@ def test_malformed_line_with_valid_seq_is_consumed_as_a_noop_and_the_stream_goes
     expected_bytes = b"".join(expected)
     received = receive_exactly(user5, len(expected_bytes))
     if received != expected_bytes:
-        stalled_at = running.stats()["next_seq"]
+        stalled_at = running.stats().next_seq
         pytest.fail(f"stream stalled at SEQ {stalled_at}: the malformed line "
                     f"{kinds[(stalled_at - 1) // 2]!r} was not consumed; got {received!r}")
     assert_nothing_more(user5)
     stats = running.stats()
-    assert stats["counters"]["malformed"] == len(kinds)
-    assert stats["counters"]["unsequenced"] == 0
-    assert stats["next_seq"] == 2 * len(kinds) + 1
-    assert stats["reorder_depth"] == 0
+    assert stats.counters.malformed == len(kinds)
+    assert stats.counters.unsequenced == 0
+    assert stats.next_seq == 2 * len(kinds) + 1
+    assert stats.reorder_depth == 0
 
 
 def test_a_type_letter_in_a_number_is_malformed_even_where_every_byte_could_be_valid(
@@ -100,7 +100,7 @@ def test_a_type_letter_in_a_number_is_malformed_even_where_every_byte_could_be_v
     expected = b"".join(line + b"\r\n" for line in good)
     assert receive_exactly(user5, len(expected)) == expected
     assert_nothing_more(user5)
-    assert running.stats()["counters"]["malformed"] == len(bad)
+    assert running.stats().counters.malformed == len(bad)
 
 
 def test_malformed_line_arriving_out_of_order_fills_its_gap(start_broker):
@@ -108,12 +108,12 @@ def test_malformed_line_arriving_out_of_order_fills_its_gap(start_broker):
     user5 = connect_client(running.client_port, 5, wait_registered=running)
     source = connect_source(running.event_port)
     source.sendall(b"3|P|7|5\r\n2|NOPE\r\n")
-    wait_until(lambda: running.stats()["reorder_depth"] == 2)
+    wait_until(lambda: running.stats().reorder_depth == 2)
     source.sendall(b"1|P|7|5\r\n")
     expected = b"1|P|7|5\r\n3|P|7|5\r\n"
     assert receive_exactly(user5, len(expected)) == expected
     assert_nothing_more(user5)
-    assert running.stats()["counters"]["malformed"] == 1
+    assert running.stats().counters.malformed == 1
 
 
 def test_malformed_line_is_never_forwarded_to_anyone(start_broker):
@@ -127,7 +127,7 @@ def test_malformed_line_is_never_forwarded_to_anyone(start_broker):
     assert receive_exactly(clients[2], len(b"6|B\r\n")) == b"6|B\r\n"
     for sock in clients.values():
         assert_nothing_more(sock)
-    assert running.stats()["counters"]["malformed"] == 4
+    assert running.stats().counters.malformed == 4
 
 
 def test_malformed_follow_does_not_change_the_follow_graph(start_broker):
@@ -147,9 +147,9 @@ def test_line_without_a_valid_seq_is_dropped_without_consuming_any_number(start_
     source = connect_source(running.event_port)
     for count, (kind, line) in enumerate(UNSEQUENCED.items(), start=1):
         source.sendall(line + b"\r\n")
-        wait_until(lambda count=count: running.stats()["counters"]["unsequenced"] == count)
-        assert running.stats()["next_seq"] == 1, f"{kind}: an unsequenced line consumed a SEQ"
-    assert running.stats()["counters"]["malformed"] == 0
+        wait_until(lambda count=count: running.stats().counters.unsequenced == count)
+        assert running.stats().next_seq == 1, f"{kind}: an unsequenced line consumed a SEQ"
+    assert running.stats().counters.malformed == 0
     source.sendall(b"1|P|7|5\r\n2|B\r\n")
     expected = b"1|P|7|5\r\n2|B\r\n"
     assert receive_exactly(user5, len(expected)) == expected
@@ -164,8 +164,8 @@ def test_empty_lines_are_ignored_without_being_counted(start_broker):
     expected = b"1|B\r\n2|B\n"
     assert receive_exactly(user5, len(expected)) == expected
     assert_nothing_more(user5)
-    counters = running.stats()["counters"]
-    assert counters["malformed"] == counters["unsequenced"] == 0
+    counters = running.stats().counters
+    assert counters.malformed == counters.unsequenced == 0
 
 
 def test_bad_lines_are_logged_with_their_kind(start_broker, caplog):
@@ -173,7 +173,7 @@ def test_bad_lines_are_logged_with_their_kind(start_broker, caplog):
     running = start_broker()
     source = connect_source(running.event_port)
     source.sendall(b"1|X\r\nnope|B\r\n")
-    wait_until(lambda: running.stats()["counters"]["unsequenced"] == 1)
+    wait_until(lambda: running.stats().counters.unsequenced == 1)
     messages = [record.getMessage() for record in caplog.records]
     assert any("1" in m and "no-op" in m and "X" in m for m in messages), messages
     assert any("nope" in m and "dropped" in m for m in messages), messages
@@ -217,10 +217,10 @@ def test_suppressed_bad_lines_are_summarised_once_the_window_reopens(start_broke
     monkeypatch.setattr(running.broker.problems, "clock", lambda: clock[0])
     source = connect_source(running.event_port)
     source.sendall(b"".join(b"%d|Q\r\n" % seq for seq in range(1, 101)))
-    wait_until(lambda: running.stats()["counters"]["malformed"] == 100)
+    wait_until(lambda: running.stats().counters.malformed == 100)
     clock[0] += 60.0
     source.sendall(b"101|Q\r\n")
-    wait_until(lambda: running.stats()["counters"]["malformed"] == 101)
+    wait_until(lambda: running.stats().counters.malformed == 101)
     messages = [r.getMessage() for r in caplog.records if "no-op" in r.getMessage()]
     assert len(messages) <= 12
     summary = [m for m in messages if re.search(r"\(\d+ similar lines suppressed\)", m)]
@@ -239,7 +239,7 @@ def test_malformed_resend_of_a_delivered_seq_is_a_duplicate_not_a_noop(start_bro
     caplog.clear()
     source.sendall(b"1|X|7|5\r\n2|B\r\n")
     assert receive_exactly(user5, 5) == b"2|B\r\n"
-    counters = running.stats()["counters"]
-    assert counters["duplicate"] == 1
-    assert counters["malformed"] == 0, "nothing was consumed: SEQ 1 had been delivered"
+    counters = running.stats().counters
+    assert counters.duplicate == 1
+    assert counters.malformed == 0, "nothing was consumed: SEQ 1 had been delivered"
     assert "consumed as a no-op" not in caplog.text

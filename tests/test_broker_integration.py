@@ -17,6 +17,7 @@ import struct
 import subprocess
 import sys
 import time
+from dataclasses import fields
 
 import pytest
 from conftest import (
@@ -38,11 +39,11 @@ from mbroker import CloseReason
 
 def wait_registered(broker, count: int) -> None:
     """Until `count` clients have announced their id."""
-    wait_until(lambda: broker.stats()["clients"] == count)
+    wait_until(lambda: broker.stats().clients == count)
 
 
 def wait_dispatched(broker, count: int) -> None:
-    wait_until(lambda: broker.stats()["events_dispatched"] >= count)
+    wait_until(lambda: broker.stats().events_dispatched >= count)
 
 
 def expect(sock: socket.socket, expected: bytes) -> None:
@@ -80,7 +81,7 @@ def read_to_end(sock: socket.socket, timeout: float = WAIT) -> tuple[bytes, str]
 
 
 def closes_of(broker, reason: CloseReason) -> list[dict]:
-    return [c for c in broker.stats()["recently_closed"] if c["reason"] == reason.value]
+    return [c for c in broker.stats().recently_closed if c.reason is reason]
 
 
 def wait_closed(broker, reason: CloseReason, count: int = 1) -> list[dict]:
@@ -153,7 +154,7 @@ def test_ids_and_sequence_numbers_compare_as_integers(broker):
     source = connect_source(broker.event_port)
     source.sendall(b"0002|P|1|0007\r\n001|F|7|00009\r\n3|F|0007|9\r\n04|S|9\r\n5|B\n")
     expect(client, b"0002|P|1|0007\r\n04|S|9\r\n5|B\n")
-    assert broker.stats()["follows"] == 1  # 7 following 9, stated twice
+    assert broker.stats().follows == 1  # 7 following 9, stated twice
 
 
 def test_empty_lines_are_ignored_and_anything_else_is_forwarded_unchanged(broker):
@@ -163,14 +164,14 @@ def test_empty_lines_are_ignored_and_anything_else_is_forwarded_unchanged(broker
     source.sendall(b"\r\n\n1|P|3|4\r\n\r\n\n\n2|B\n\r\n")
     expect(client, b"1|P|3|4\r\n2|B\n")
     assert_nothing_more(client, wait=0.1)
-    counters = broker.stats()["counters"]
-    assert counters["malformed"] == counters["unsequenced"] == 0
+    counters = broker.stats().counters
+    assert counters.malformed == counters.unsequenced == 0
 
 
 def test_broadcast_goes_only_to_clients_that_announced_their_id(broker):
     registered = connect_client(broker.client_port, 1)
     silent = socket.create_connection(("127.0.0.1", broker.client_port), timeout=WAIT)
-    wait_until(lambda: broker.stats()["connections"] == 2)
+    wait_until(lambda: broker.stats().connections == 2)
     wait_registered(broker, 1)
     source = connect_source(broker.event_port)
     source.sendall(b"1|B\r\n")
@@ -221,10 +222,10 @@ def test_client_leaving_with_a_reset_leaves_other_clients_receiving(broker):
     source.sendall(b"2|P|2|1\r\n3|B\r\n")  # one for the leaver, one for all
     expect(staying, b"3|B\r\n")
     (closed,) = wait_closed(broker, CloseReason.CLIENT_ERROR)
-    assert (closed["kind"], closed["peer"], closed["user_id"]) == ("client", peer, 1)
+    assert (closed.kind, closed.peer, closed.user_id) == ("client", peer, 1)
     source.sendall(b"4|P|1|2\r\n")
     expect(staying, b"4|P|1|2\r\n")
-    assert broker.stats()["clients"] == 1
+    assert broker.stats().clients == 1
 
 
 def test_anything_a_registered_client_sends_is_read_and_discarded(broker):
@@ -235,7 +236,7 @@ def test_anything_a_registered_client_sends_is_read_and_discarded(broker):
     source.sendall(b"1|P|2|1\r\n2|P|1|2\r\n")
     expect(chatty, b"1|P|2|1\r\n")
     assert_nothing_more(chatty, wait=0.1)
-    assert broker.stats()["clients"] == 1
+    assert broker.stats().clients == 1
 
 
 def test_events_split_one_byte_at_a_time_arrive_intact(broker):
@@ -289,8 +290,8 @@ def test_thousands_of_shuffled_events_in_one_sendall_arrive_in_sequence_order(br
         want = b"".join(expected[user])
         assert receive_exactly(sock, len(want)) == want, f"user {user}"
     stats = broker.stats()
-    assert stats["next_seq"] == count + 1
-    assert stats["counters"]["skipped"] == stats["counters"]["duplicate"] == 0
+    assert stats.next_seq == count + 1
+    assert stats.counters.skipped == stats.counters.duplicate == 0
 
 
 def test_huge_sequence_numbers_are_forwarded_once_declared_lost_numbers_are_skipped(
@@ -303,8 +304,8 @@ def test_huge_sequence_numbers_are_forwarded_once_declared_lost_numbers_are_skip
     source.sendall(f"{base + 1}|B\r\n{base + 2}|B\r\n".encode())
     expect(client, f"{base + 1}|B\r\n{base + 2}|B\r\n".encode())
     stats = broker.stats()
-    assert stats["counters"]["skipped"] == base
-    assert stats["next_seq"] == base + 3
+    assert stats.counters.skipped == base
+    assert stats.next_seq == base + 3
 
 
 # -- SPEC §3: the event source comes and goes -----------------------------------
@@ -319,17 +320,17 @@ def test_source_reconnect_continues_the_stream_and_drops_already_delivered_numbe
     first.close()
     wait_closed(broker, CloseReason.SOURCE_QUIT)
     stats = broker.stats()
-    assert stats["next_seq"] == 3 and stats["reorder_depth"] == 1
-    assert not stats["source"]["connected"]
+    assert stats.next_seq == 3 and stats.reorder_depth == 1
+    assert not stats.source.connected
     second = connect_source(broker.event_port)
     # A safe resend: 1 and 2 were delivered, 4 is waiting; only 3 and 5 are new.
     second.sendall(b"1|F|1|2\r\n2|B\r\n4|S|2\r\n3|P|2|1\r\n5|B\r\n")
     expect(clients[1], b"2|B\r\n3|P|2|1\r\n4|S|2\r\n5|B\r\n")
     expect(clients[2], b"5|B\r\n")
     stats = broker.stats()
-    assert stats["counters"]["duplicate"] == 3
-    assert stats["next_seq"] == 6
-    assert stats["source"]["connections"] == 2
+    assert stats.counters.duplicate == 3
+    assert stats.next_seq == 6
+    assert stats.source.connections == 2
 
 
 def test_unterminated_last_line_of_an_old_source_is_not_joined_to_the_new_one(broker):
@@ -345,7 +346,7 @@ def test_unterminated_last_line_of_an_old_source_is_not_joined_to_the_new_one(br
     second.sendall(b"|2\r\n2|B\r\n")
     expect(clients[1], b"2|B\r\n")
     expect(clients[2], b"1|B\r\n2|B\r\n")
-    assert broker.stats()["counters"]["unsequenced"] == 1
+    assert broker.stats().counters.unsequenced == 1
 
 
 def test_newer_source_connection_takes_over_and_the_older_one_is_closed(broker):
@@ -359,12 +360,12 @@ def test_newer_source_connection_takes_over_and_the_older_one_is_closed(broker):
     data, ending = read_to_end(older)
     assert (data, ending) in ((b"", "eof"), (b"", "reset"))
     (closed,) = wait_closed(broker, CloseReason.SOURCE_REPLACED)
-    assert (closed["kind"], closed["peer"]) == ("source", older_peer)
+    assert (closed.kind, closed.peer) == ("source", older_peer)
     newer.sendall(b"|1\r\n2|B\r\n3|P|9|1\r\n")
     expect(client, b"2|B\r\n3|P|9|1\r\n")
     stats = broker.stats()
-    assert stats["source"]["connected"]
-    assert stats["source"]["peer"] == local_peer(newer)
+    assert stats.source.connected
+    assert stats.source.peer == local_peer(newer)
 
 
 def test_readiness_of_a_replaced_source_in_the_same_wakeup_does_not_close_the_new_source(
@@ -386,8 +387,8 @@ def test_readiness_of_a_replaced_source_in_the_same_wakeup_does_not_close_the_ne
     # The stale readiness is handled in the same pass as the takeover, so by
     # now any wrongful close of the newer source has been recorded.
     stats = broker.stats()
-    assert stats["closes"][CloseReason.SOURCE_ERROR.value] == 0, stats["recently_closed"]
-    assert stats["source"]["peer"] == local_peer(newer)
+    assert stats.closes[CloseReason.SOURCE_ERROR.value] == 0, stats.recently_closed
+    assert stats.source.peer == local_peer(newer)
     newer.sendall(b"2|B\r\n3|B\r\n")
     expect(client, b"2|B\r\n3|B\r\n")
 
@@ -419,7 +420,7 @@ def test_many_notifications_for_one_client_leave_in_a_few_send_calls(broker):
     counting: list[CountingSocket] = []
 
     def wrap():
-        (connection,) = broker.broker.clients.values()
+        (connection,) = broker.broker.clients
         connection.sock = CountingSocket(connection.sock)
         counting.append(connection.sock)
 
@@ -430,13 +431,13 @@ def test_many_notifications_for_one_client_leave_in_a_few_send_calls(broker):
     source = connect_source(broker.event_port)
     source.sendall(stream)
     assert receive_exactly(client, len(stream)) == stream
-    wait_until(lambda: broker.stats()["bytes_out"] == len(stream))
+    wait_until(lambda: broker.stats().bytes_out == len(stream))
     stats = broker.stats()
-    (entry,) = stats["top_clients"]
-    assert entry["bytes_sent"] == len(stream)
-    assert entry["notifications_sent"] == count
-    assert entry["queued_bytes"] == 0 and entry["queued_notifications"] == 0
-    assert stats["notifications"] == count
+    (entry,) = stats.top_clients
+    assert entry.bytes_sent == len(stream)
+    assert entry.notifications_sent == count
+    assert entry.queued_bytes == 0 and entry.queued_notifications == 0
+    assert stats.notifications == count
     assert counting[0].sends <= 20, f"{counting[0].sends} send() calls for {count} lines"
 
 
@@ -448,8 +449,8 @@ def test_bytes_out_counts_every_byte_delivered_to_every_client(broker):
     expect(clients[0], b"1|B\r\n")
     expect(clients[1], b"1|B\r\n2|P|1|2\n")
     expect(clients[2], b"1|B\r\n2|P|1|2\n")
-    wait_until(lambda: broker.stats()["bytes_out"] == 3 * len(b"1|B\r\n") + 2 * len(b"2|P|1|2\n"))
-    assert broker.stats()["notifications"] == 5
+    wait_until(lambda: broker.stats().bytes_out == 3 * len(b"1|B\r\n") + 2 * len(b"2|P|1|2\n"))
+    assert broker.stats().notifications == 5
 
 
 # -- issue 2 point 6: every close has a reason ------------------------------------
@@ -457,7 +458,7 @@ def test_bytes_out_counts_every_byte_delivered_to_every_client(broker):
 
 def hello_then(broker, user):
     sock = connect_client(broker.client_port, user)
-    wait_until(lambda: any(c["user_id"] == user for c in broker.stats()["top_clients"]))
+    wait_until(lambda: any(c.user_id == user for c in broker.stats().top_clients))
     return sock
 
 
@@ -465,7 +466,7 @@ def flood_one_client(broker, user: int, megabytes: int = 4) -> None:
     """Send private messages to `user` until kernel buffers surely fill."""
     padding = "9" * 3000
     source = connect_source(broker.event_port)
-    seq = broker.stats()["next_seq"]
+    seq = broker.stats().next_seq
     batch = []
     for _ in range(megabytes * 1024 * 1024 // 3000):
         batch.append(f"{seq}|P|{padding}|{user}\r\n".encode())
@@ -547,7 +548,7 @@ def scenario_slow_consumer_timeout(start_broker):
 def scenario_source_quit(start_broker):
     broker = start_broker()
     source = connect_source(broker.event_port)
-    wait_until(lambda: broker.stats()["source"]["connected"])
+    wait_until(lambda: broker.stats().source.connected)
     peer = local_peer(source)
     source.close()
     return broker, ("source", peer, None)
@@ -556,7 +557,7 @@ def scenario_source_quit(start_broker):
 def scenario_source_error(start_broker):
     broker = start_broker()
     source = connect_source(broker.event_port)
-    wait_until(lambda: broker.stats()["source"]["connected"])
+    wait_until(lambda: broker.stats().source.connected)
     peer = local_peer(source)
     reset_close(source)
     return broker, ("source", peer, None)
@@ -565,10 +566,10 @@ def scenario_source_error(start_broker):
 def scenario_source_replaced(start_broker):
     broker = start_broker()
     older = connect_source(broker.event_port)
-    wait_until(lambda: broker.stats()["source"]["connected"])
+    wait_until(lambda: broker.stats().source.connected)
     newer = connect_source(broker.event_port)
     KEEP_OPEN.append(newer)
-    wait_until(lambda: broker.stats()["source"]["peer"] == local_peer(newer))
+    wait_until(lambda: broker.stats().source.peer == local_peer(newer))
     return broker, ("source", local_peer(older), None)
 
 
@@ -597,18 +598,18 @@ CLOSE_SCENARIOS = {
 @pytest.mark.parametrize("reason", list(CloseReason), ids=lambda reason: reason.value)
 def test_every_close_is_recorded_with_its_reason_in_stats(start_broker, reason):
     broker, (kind, peer, user_id) = CLOSE_SCENARIOS[reason](start_broker)
-    wait_until(lambda: broker.stats()["closes"][reason.value] >= 1)
+    wait_until(lambda: broker.stats().closes[reason.value] >= 1)
     stats = broker.stats()
-    assert set(stats["closes"]) == {member.value for member in CloseReason}
-    matching = [c for c in stats["recently_closed"] if c["peer"] == peer]
-    assert matching, stats["recently_closed"]
+    assert set(stats.closes) == {member.value for member in CloseReason}
+    matching = [c for c in stats.recently_closed if c.peer == peer]
+    assert matching, stats.recently_closed
     closed = matching[-1]
-    assert closed["reason"] == reason.value
-    assert (closed["kind"], closed["user_id"]) == (kind, user_id)
-    assert stats["closes"][reason.value] == sum(
-        c["reason"] == reason.value for c in stats["recently_closed"])
+    assert closed.reason is reason
+    assert (closed.kind, closed.user_id) == (kind, user_id)
+    assert stats.closes[reason.value] == sum(
+        c.reason is reason for c in stats.recently_closed)
     if reason.is_slow_consumer:
-        assert stats["counters"]["slow_consumers"] == 1
+        assert stats.counters.slow_consumers == 1
 
 
 def test_close_log_lines_name_the_peer_the_user_and_the_reason(broker, caplog):
@@ -618,7 +619,7 @@ def test_close_log_lines_name_the_peer_the_user_and_the_reason(broker, caplog):
     reset_close(sock)
     wait_closed(broker, CloseReason.CLIENT_ERROR)
     source = connect_source(broker.event_port)
-    wait_until(lambda: broker.stats()["source"]["connected"])
+    wait_until(lambda: broker.stats().source.connected)
     source_peer = local_peer(source)
     source.close()
     wait_closed(broker, CloseReason.SOURCE_QUIT)
@@ -640,7 +641,10 @@ def test_help_lists_every_option_with_its_default():
     assert result.returncode == 0
     text = " ".join(result.stdout.split())  # undo argparse's line wrapping
     defaults = mbroker.BrokerConfig()
-    for name in mbroker.OPTION_HELP:
+    options = [item.name for item in fields(mbroker.BrokerConfig)
+               if "help" in item.metadata and not item.metadata["positional"]]
+    assert len(options) >= 9
+    for name in options:
         option = "--" + name.replace("_", "-")
         assert option in text
         segment = text[text.rindex(option + " "):]  # its entry, not the usage line
@@ -765,8 +769,8 @@ def test_signal_right_after_the_listening_line_still_exits_0_without_traceback()
 
 def test_by_default_both_ports_listen_on_loopback_only(broker):
     # Whoever reaches the event port can publish to every user (SPEC §3).
-    assert broker.broker.event_listener.getsockname()[0] == "127.0.0.1"
-    assert broker.broker.client_listener.getsockname()[0] == "127.0.0.1"
+    assert broker.broker.event_listener.sock.getsockname()[0] == "127.0.0.1"
+    assert broker.broker.client_listener.sock.getsockname()[0] == "127.0.0.1"
 
 
 def test_log_level_warning_hides_info_lines_and_debug_shows_registrations():

@@ -48,7 +48,7 @@ def test_client_that_sends_no_id_is_closed_after_the_hello_timeout(start_broker,
     silent = raw_client(running.client_port)
     partial = raw_client(running.client_port)
     partial.sendall(b"12")  # an id without its newline is not an id yet
-    wait_until(lambda: running.stats()["awaiting_hello"] == 2)
+    wait_until(lambda: running.stats().awaiting_hello == 2)
     source = connect_source(running.event_port)
     source.sendall(b"1|B\r\n")  # only announced clients are "connected"
     assert receive_exactly(registered, 5) == b"1|B\r\n"
@@ -59,8 +59,8 @@ def test_client_that_sends_no_id_is_closed_after_the_hello_timeout(start_broker,
     elapsed = time.monotonic() - started
     assert 0.25 <= elapsed < 2.0, elapsed
     stats = running.stats()
-    assert stats["closes"]["hello_timeout"] == 2
-    assert stats["awaiting_hello"] == 0 and stats["connections"] == 1
+    assert stats.closes["hello_timeout"] == 2
+    assert stats.awaiting_hello == 0 and stats.connections == 1
     assert sum("hello_timeout" in r.getMessage() for r in caplog.records) == 2
     # the registered client outlives the hello timeout and keeps receiving
     source.sendall(b"2|P|1|5\r\n")
@@ -82,9 +82,9 @@ def test_invalid_ids_are_closed_at_once_and_others_keep_receiving(start_broker, 
     assert not not_closed, f"invalid ids not closed at once: {not_closed}"
     assert time.monotonic() - started < 2.0
     stats = running.stats()
-    assert stats["closes"]["invalid_id"] == len(INVALID_HELLOS)
-    assert stats["closes"]["hello_timeout"] == 0
-    assert stats["connections"] == 1
+    assert stats.closes["invalid_id"] == len(INVALID_HELLOS)
+    assert stats.closes["hello_timeout"] == 0
+    assert stats.connections == 1
     assert any("invalid_id" in r.getMessage() for r in caplog.records)
     source = connect_source(running.event_port)
     source.sendall(b"1|B\r\n2|P|1|5\r\n")
@@ -106,11 +106,11 @@ def test_valid_ids_with_spaces_leading_zeros_32_digits_or_split_are_accepted(sta
     time.sleep(0.05)
     split.sendall(b"\n")
     clients.append((split, 13))
-    wait_until(lambda: running.stats()["clients"] == len(clients))
+    wait_until(lambda: running.stats().clients == len(clients))
     source = connect_source(running.event_port)
     events = [b"%d|P|1|%d\r\n" % (seq, uid) for seq, (_, uid) in enumerate(clients, start=1)]
     source.sendall(b"".join(events))
     for (sock, _uid), event in zip(clients, events, strict=True):
         assert receive_exactly(sock, len(event)) == event
         assert_nothing_more(sock, wait=0.05)
-    assert running.stats()["closes"]["invalid_id"] == 0
+    assert running.stats().closes["invalid_id"] == 0

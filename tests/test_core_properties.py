@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mbroker import EventPipeline, Exchange, RateLimitedLog, Subscriber
+from mbroker import BrokerConfig, EventPipeline, Exchange, RateLimitedLog, Subscriber
 
 KINDS = ("F", "U", "B", "P", "S")
 # Malformed lines with a valid SEQ. "Q": unknown type; "SB": a type made of
@@ -139,27 +139,44 @@ def scenarios(draw, with_duplicates: bool = False):
     return events, chunks, subscriptions, largest_batch, duplicates
 
 
-def run_pipeline(chunks, subscriptions, max_pending, slice_lines=None, slot_margin=None):
-    exchange = Exchange()
-    pipeline = EventPipeline(exchange, max_pending=max_pending,
-                             problems=RateLimitedLog(logging.getLogger("test.properties")))
+def run_pipeline(chunks, subscriptions, max_pending, slice_lines=None, slot_margin=None,
+                 fanout_budget=None, pause_every=0):
+    """Drive the core the way the reactor does, through EventPipeline.dispatch,
+    and collect what each subscription was handed. fanout_budget (bytes)
+    makes the exchange hold events back; pause_every=N makes every Nth
+    hand-over answer "over the limit", as backpressure would."""
+    options = {}
+    if slice_lines is not None:
+        options.update(dispatch_slice=slice_lines, flush_lines=2 * slice_lines)
     if slot_margin is not None:
-        pipeline.slot_margin = slot_margin
+        options.update(reorder_slot_margin=slot_margin)
+    if fanout_budget is not None:
+        options.update(max_buffered=1, min_fanout_budget=fanout_budget)
+    exchange = Exchange()
+    pipeline = EventPipeline(exchange, BrokerConfig(max_pending=max_pending, **options),
+                             problems=RateLimitedLog(logging.getLogger("test.properties")))
     subscribers = []
     for user in subscriptions:
         subscriber = Subscriber(user)
         exchange.subscribe(user, subscriber)
         subscribers.append(subscriber)
-    received = {id(s): b"" for s in subscribers}
+    received = {id(s): bytearray() for s in subscribers}
+    hand_overs = 0
+
+    def deliver(output) -> bool:
+        nonlocal hand_overs
+        hand_overs += 1
+        for subscriber, data, count in output:
+            assert data.count(b"\n") == count
+            received[id(subscriber)] += data
+        return not (pause_every and hand_overs % pause_every == 0)
+
     for chunk in chunks:
         pipeline.receive(chunk)
-        while True:
-            done = pipeline.run(slice_lines)
-            for subscriber in subscribers:  # collect as the transport would, per slice
-                received[id(subscriber)] += subscriber.take_bytes()
-            if done:
-                break
-    return pipeline, [(s.user_id, received[id(s)]) for s in subscribers]
+        while not pipeline.dispatch(deliver):
+            pass  # paused: a later wake-up goes on where it stopped
+    assert all(not s.lines for s in subscribers)  # everything was handed over
+    return pipeline, [(s.user_id, bytes(received[id(s)])) for s in subscribers]
 
 
 @settings(max_examples=200, deadline=None)
@@ -175,6 +192,13 @@ def test_every_subscriber_receives_exactly_what_the_in_order_oracle_computes(sce
     for slice_lines in (1, 3):
         assert received == run_pipeline(chunks, subscriptions, 1_000_000, slice_lines,
                                         slot_margin=0)[1]
+    # A fan-out budget of a few lines: broadcasts and status updates hold the
+    # rest of their slice back until the next hand-over, which sometimes
+    # answers "over the limit", so held events wait a whole call.
+    for fanout_budget, pause_every in ((1, 0), (40, 2), (200, 3)):
+        assert received == run_pipeline(chunks, subscriptions, 1_000_000, 4,
+                                        fanout_budget=fanout_budget,
+                                        pause_every=pause_every)[1]
     expected = oracle(events, set(subscriptions))
     for user, data in received:
         assert data == expected[user], f"user {user}"
@@ -233,7 +257,8 @@ def test_clients_that_connect_and_leave_mid_stream_get_exactly_the_events_dispat
     events, chunks, _, largest_batch, _ = scenario
     users = max([event.from_user or 1 for event in events] + [1])
     exchange = Exchange()
-    pipeline = EventPipeline(exchange, max_pending=rng.choice([largest_batch, 1_000_000]),
+    config = BrokerConfig(max_pending=rng.choice([largest_batch, 1_000_000]))
+    pipeline = EventPipeline(exchange, config,
                              problems=RateLimitedLog(logging.getLogger("test.properties")))
     live: list[tuple[int, Subscriber, int]] = []  # (window index, subscriber, user)
     windows: list[list[int]] = []  # [user, first_seq, end_seq]

@@ -8,6 +8,7 @@ import logging
 import pytest
 
 from mbroker import (
+    BrokerConfig,
     EventPipeline,
     Exchange,
     RateLimitedLog,
@@ -224,10 +225,9 @@ def test_follows_past_max_follows_are_refused_and_counted_but_still_delivered():
 
 
 class Collected:
-    def __init__(self, *user_ids: int, max_pending: int = 1_000_000, max_line: int = 4096):
+    def __init__(self, *user_ids: int, **config):
         self.exchange = Exchange()
-        self.pipeline = EventPipeline(self.exchange, max_line=max_line,
-                                      max_pending=max_pending,
+        self.pipeline = EventPipeline(self.exchange, BrokerConfig(**config),
                                       problems=RateLimitedLog(logging.getLogger("test")))
         self.subs = subscribed(self.exchange, *user_ids)
 
@@ -335,17 +335,54 @@ def test_end_of_stream_keeps_the_reorder_buffer_and_follow_graph():
     assert got == {1: b"2|B\r\n3|S|2\r\n", 2: b"2|B\r\n"}
 
 
-def test_pipeline_run_dispatches_at_most_the_budget_and_reports_backlog():
-    collected = Collected(1)
+def test_dispatch_hands_output_over_every_flush_lines_and_stops_when_told():
+    collected = Collected(1, dispatch_slice=2, flush_lines=4)
     collected.pipeline.receive(b"".join(b"%d|B\r\n" % seq for seq in range(1, 11)))
     assert collected.pipeline.backlog == 10
-    assert collected.pipeline.run(4) is False
-    assert collected.subs[1].take_bytes() == b"1|B\r\n2|B\r\n3|B\r\n4|B\r\n"
+    handed: list[bytes] = []
+
+    def deliver_once(output) -> bool:
+        handed.extend(data for _subscriber, data, _count in output)
+        return False  # over a limit: stop here
+
+    assert collected.pipeline.dispatch(deliver_once) is False
+    assert handed == [b"1|B\r\n2|B\r\n3|B\r\n4|B\r\n"]
     assert collected.pipeline.backlog == 6
     collected.pipeline.receive(b"11|B\r\n")
-    assert collected.pipeline.run() is True
-    assert collected.subs[1].take_bytes() == b"".join(b"%d|B\r\n" % s for s in range(5, 12))
+    handed.clear()
+    assert collected.pipeline.dispatch(lambda output: handed.extend(
+        data for _subscriber, data, _count in output) or True) is True
+    assert handed == [b"5|B\r\n6|B\r\n7|B\r\n8|B\r\n", b"9|B\r\n10|B\r\n11|B\r\n"]
+    assert collected.pipeline.backlog == 0
     assert collected.exchange.dispatched == 11
+
+
+def test_dispatch_holds_back_events_past_the_fanout_budget_until_the_next_call():
+    # --max-buffered=1 leaves the fan-out budget at its 64 KiB floor: with 8
+    # subscribers, about 1,400 broadcasts pass it, well within one flush_lines.
+    collected = Collected(*range(1, 9), max_buffered=1, dispatch_slice=500, flush_lines=10_000)
+    stream = b"".join(b"%d|B\r\n" % seq for seq in range(1, 3001))
+    collected.pipeline.receive(stream)
+    handed: list[list] = []
+
+    def deliver(output, answer: bool) -> bool:
+        handed.append(output)
+        for subscriber, data, count in output:
+            subscriber.write(data, count)
+        return answer
+
+    assert collected.pipeline.dispatch(lambda output: deliver(output, False)) is False
+    assert len(handed) == 1  # stopped at the first hand-over: the budget was spent
+    first_part = collected.exchange.dispatched
+    assert 1000 < first_part < 3000
+    budget = collected.pipeline.fanout_budget
+    # Past the budget by at most the last event's fan-out: 8 lines of 8 bytes.
+    assert budget < sum(len(data) for _subscriber, data, _count in handed[0]) <= budget + 8 * 8
+    expected = [b"%d|B\r\n" % seq for seq in range(1, 3001)]
+    assert received(collected.subs) == dict.fromkeys(range(1, 9), b"".join(expected[:first_part]))
+    assert collected.pipeline.dispatch(lambda output: deliver(output, True)) is True
+    assert received(collected.subs) == dict.fromkeys(range(1, 9), b"".join(expected[first_part:]))
+    assert collected.exchange.dispatched == 3000
 
 
 def test_duplicates_are_counted_whether_delivered_or_waiting():
@@ -361,7 +398,7 @@ def test_fanout_budget_counts_what_was_queued_since_the_last_take_output():
     # span them: the second call holds back once the two together pass it.
     exchange = Exchange()
     subs = subscribed(exchange, 1, 2)
-    line_bytes = len(b"1|B")
+    line_bytes = len(b"1|B\n")
     held = exchange.apply([b"1|B".split(b"|"), b"2|B".split(b"|")], budget=5 * line_bytes)
     assert held == []  # 4 lines queued so far
     held = exchange.apply([b"3|B".split(b"|"), b"4|B".split(b"|")], budget=5 * line_bytes)

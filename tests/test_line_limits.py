@@ -31,16 +31,16 @@ def test_overlong_line_is_discarded_and_its_seq_is_not_consumed(start_broker, ca
     source = connect_source(running.event_port)
     overlong = b"1|P|" + b"7" * 200 + b"|5\r\n"
     source.sendall(overlong)
-    wait_until(lambda: running.stats()["counters"]["overlong"] == 1)
-    assert running.stats()["next_seq"] == 1, "the overlong line's SEQ was consumed"
+    wait_until(lambda: running.stats().counters.overlong == 1)
+    assert running.stats().next_seq == 1, "the overlong line's SEQ was consumed"
     # SEQ 1 is still expected: a resend of it, short this time, is delivered.
     source.sendall(b"1|P|7|5\r\n2|B\r\n")
     expected = b"1|P|7|5\r\n2|B\r\n"
     assert receive_exactly(user5, len(expected)) == expected
     assert_nothing_more(user5)
-    counters = running.stats()["counters"]
-    assert counters["overlong"] == 1
-    assert counters["malformed"] == counters["unsequenced"] == counters["duplicate"] == 0
+    counters = running.stats().counters
+    assert counters.overlong == 1
+    assert counters.malformed == counters.unsequenced == counters.duplicate == 0
     assert any("--max-line" in record.getMessage() for record in caplog.records)
 
 
@@ -55,7 +55,7 @@ def test_line_of_exactly_max_line_bytes_is_kept_and_one_byte_more_is_discarded(s
     expected = exact + b"\n2|B\n"
     assert receive_exactly(user5, len(expected)) == expected
     assert_nothing_more(user5)
-    assert running.stats()["counters"]["overlong"] == 1
+    assert running.stats().counters.overlong == 1
 
 
 def test_several_overlong_lines_in_one_read_are_each_dropped_and_the_rest_delivered(
@@ -70,9 +70,9 @@ def test_several_overlong_lines_in_one_read_are_each_dropped_and_the_rest_delive
     expected = b"1|P|7|5\r\n2|B\r\n3|P|8|5\r\n4|B\r\n"
     assert receive_exactly(user5, len(expected)) == expected
     assert_nothing_more(user5)
-    counters = running.stats()["counters"]
-    assert counters["overlong"] == 3
-    assert counters["unsequenced"] == counters["malformed"] == 0
+    counters = running.stats().counters
+    assert counters.overlong == 3
+    assert counters.unsequenced == counters.malformed == 0
 
 
 def test_overlong_line_sent_in_small_pieces_is_skipped_to_its_newline(start_broker):
@@ -92,7 +92,7 @@ def test_overlong_line_sent_in_small_pieces_is_skipped_to_its_newline(start_brok
     expected = b"2|P|7|5\r\n3|B\r\n"
     assert receive_exactly(user5, len(expected)) == expected
     assert_nothing_more(user5)
-    assert running.stats()["counters"]["overlong"] == 1
+    assert running.stats().counters.overlong == 1
 
 
 def test_unterminated_overlong_line_does_not_swallow_the_next_source_connection(start_broker):
@@ -100,9 +100,9 @@ def test_unterminated_overlong_line_does_not_swallow_the_next_source_connection(
     user5 = connect_client(running.client_port, 5, wait_registered=running)
     first = connect_source(running.event_port)
     first.sendall(b"1|P|" + b"7" * 1000)  # overlong, never terminated
-    wait_until(lambda: running.stats()["counters"]["overlong"] == 1)
+    wait_until(lambda: running.stats().counters.overlong == 1)
     first.close()
-    wait_until(lambda: not running.stats()["source"]["connected"])
+    wait_until(lambda: not running.stats().source.connected)
     second = connect_source(running.event_port)
     second.sendall(b"1|P|7|5\r\n")
     assert receive_exactly(user5, 9) == b"1|P|7|5\r\n"

@@ -4,10 +4,12 @@ memory bounded by max_pending."""
 from __future__ import annotations
 
 import random
-import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+import mbroker
 from mbroker import ReorderBuffer
 
 
@@ -96,7 +98,8 @@ def test_overflow_skips_only_the_lowest_gap():
     assert buffer.push(11, "item11") == items(5)  # 1..4 lost; 6..8 still awaited
     assert buffer.skipped == 4
     assert buffer.next_seq == 6
-    assert list(buffer.skipped_ranges) == [(1, 4)]
+    assert buffer.take_skipped_ranges() == [(1, 4)]
+    assert buffer.take_skipped_ranges() == []  # each range is told once
     assert push_all(buffer, [6, 7, 8]) == items(6, 7, 8, 9, 10, 11)
     assert buffer.skipped == 4
 
@@ -104,9 +107,7 @@ def test_overflow_skips_only_the_lowest_gap():
 def test_overflow_jumps_a_gap_of_ten_to_the_thirty_in_one_step():
     buffer = ReorderBuffer(max_pending=2)
     base = 10 ** 30
-    started = time.perf_counter()
-    released = push_all(buffer, [base + 1, base + 2, base + 3])
-    assert time.perf_counter() - started < 0.5
+    released = push_all(buffer, [base + 1, base + 2, base + 3])  # a loop per number would never end
     assert released == items(base + 1, base + 2, base + 3)
     assert buffer.skipped == base  # numbers 1..10**30
     assert buffer.next_seq == base + 4
@@ -140,26 +141,73 @@ def test_max_pending_must_be_positive():
         ReorderBuffer(max_pending=0)
 
 
-def test_every_other_number_missing_with_a_small_buffer_stays_fast_and_exact():
-    # Adversarial: each push overflows the buffer and skips a gap of one.
+def test_every_other_number_missing_with_a_small_buffer_stays_exact_without_rebuilding_per_push(
+        monkeypatch):
+    # Adversarial: each push overflows the buffer and skips a gap of one. The
+    # lowest waiting number comes from a heap, which must not be rebuilt
+    # (a pass over every waiting number) on every push.
+    heapify_calls = []
+    original_heapify = mbroker.heapq.heapify
+    monkeypatch.setattr(mbroker.heapq, "heapify",
+                        lambda heap: heapify_calls.append(len(heap)) or original_heapify(heap))
     count = 100_000
     buffer = ReorderBuffer(max_pending=1000)
-    started = time.perf_counter()
     released = push_all(buffer, range(2, 2 * count + 1, 2))
-    elapsed = time.perf_counter() - started
     assert released == items(*range(2, 2 * (count - 1000) + 1, 2))
     assert len(buffer) == 1000
     assert buffer.skipped == count - 1000
-    assert elapsed < 5.0, f"{count} pushes took {elapsed:.1f} s"
+    assert len(heapify_calls) <= count // mbroker.HEAP_SLACK + 2
 
 
-def test_every_other_number_missing_then_filled_in_stays_fast_and_exact():
+def test_every_other_number_missing_then_filled_in_is_released_exactly():
     count = 100_000
     buffer = ReorderBuffer()
-    started = time.perf_counter()
     assert push_all(buffer, range(2, 2 * count + 1, 2)) == []
     released = push_all(buffer, range(1, 2 * count, 2))
-    elapsed = time.perf_counter() - started
     assert released == items(*range(1, 2 * count + 1))
     assert buffer.largest_depth == count
-    assert elapsed < 5.0, f"{2 * count} pushes took {elapsed:.1f} s"
+    assert len(buffer) == 0
+
+
+def test_push_slice_releases_a_shuffled_run_in_order():
+    buffer = ReorderBuffer()
+    assert buffer.push_slice([3, 1, 2, 5], ["c", "a", "b", "e"]) == ["a", "b", "c"]
+    assert buffer.next_seq == 4 and len(buffer) == 1 and buffer.highest_seq == 5
+    assert buffer.push_slice([4, 4, 1], ["d", "again", "old"]) == ["d", "e"]
+    assert buffer.duplicates == 2
+
+
+def test_advance_to_goes_on_past_numbers_handled_elsewhere():
+    buffer = ReorderBuffer()
+    assert push_all(buffer, [3, 9]) == []
+    buffer.advance_to(5)
+    assert buffer.next_seq == 5 and len(buffer) == 1  # 3 dropped, 9 still waits
+    assert push_all(buffer, [4, 5]) == items(5)
+    assert buffer.duplicates == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(seqs=st.lists(st.integers(min_value=1, max_value=60), max_size=120),
+       slice_sizes=st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=10),
+       max_pending=st.integers(min_value=1, max_value=50),
+       slot_margin=st.integers(min_value=0, max_value=8))
+def test_push_slice_is_push_one_by_one(seqs, slice_sizes, max_pending, slot_margin):
+    # The bulk path (slots, one index() and slice) and the event-by-event path
+    # (dict, heap, overflow) must agree on everything: releases and counters.
+    one_by_one = ReorderBuffer(max_pending=max_pending, slot_margin=slot_margin)
+    expected = push_all(one_by_one, seqs)
+    in_slices = ReorderBuffer(max_pending=max_pending, slot_margin=slot_margin)
+    released, position, turn = [], 0, 0
+    while position < len(seqs):
+        size = slice_sizes[turn % len(slice_sizes)]
+        part = seqs[position:position + size]
+        released += in_slices.push_slice(part, [f"item{seq}" for seq in part])
+        position += size
+        turn += 1
+    # The bulk path runs only while the buffer is far from full, so no
+    # overflow can happen inside it: the two agree even when numbers are lost.
+    assert released == expected
+    assert (in_slices.next_seq, in_slices.highest_seq, len(in_slices), in_slices.duplicates,
+            in_slices.late, in_slices.skipped) == \
+        (one_by_one.next_seq, one_by_one.highest_seq, len(one_by_one), one_by_one.duplicates,
+         one_by_one.late, one_by_one.skipped)

@@ -32,16 +32,16 @@ def test_full_reorder_buffer_declares_the_lowest_missing_seq_lost_and_delivery_r
     user5 = connect_client(running.client_port, 5, wait_registered=running)
     source = connect_source(running.event_port)
     source.sendall(broadcasts(2, 3, 4, 5, 6))  # exactly max_pending waiting: keep waiting
-    wait_until(lambda: running.stats()["reorder_depth"] == 5)
+    wait_until(lambda: running.stats().reorder_depth == 5)
     assert_nothing_more(user5)
-    assert running.stats()["counters"]["skipped"] == 0
+    assert running.stats().counters.skipped == 0
     source.sendall(broadcasts(7))  # one more would pass the limit: 1 is lost
     expected = broadcasts(2, 3, 4, 5, 6, 7)
     assert receive_exactly(user5, len(expected)) == expected
     assert_nothing_more(user5)
     stats = running.stats()
-    assert stats["counters"]["skipped"] == 1
-    assert stats["next_seq"] == 8 and stats["reorder_depth"] == 0
+    assert stats.counters.skipped == 1
+    assert stats.next_seq == 8 and stats.reorder_depth == 0
     messages = skip_messages(caplog)
     assert len(messages) == 1 and re.search(r"\b1\.\.1\b", messages[0]), messages
     # the stream goes on normally after the skip
@@ -60,8 +60,8 @@ def test_a_skip_jumps_a_wide_gap_at_once_with_one_log_line(start_broker, caplog)
     expected = broadcasts(1, gap_end + 1, gap_end + 2, gap_end + 3, gap_end + 4)
     assert receive_exactly(user5, len(expected), timeout=2.0) == expected
     stats = running.stats()
-    assert stats["counters"]["skipped"] == gap_end - 1
-    assert stats["next_seq"] == gap_end + 5
+    assert stats.counters.skipped == gap_end - 1
+    assert stats.next_seq == gap_end + 5
     messages = skip_messages(caplog)
     assert len(messages) == 1, messages
     assert f"2..{gap_end}" in messages[0], messages
@@ -76,8 +76,8 @@ def test_only_the_lowest_gap_is_declared_lost(start_broker, caplog):
     assert receive_exactly(user5, 5) == b"3|B\r\n"
     assert_nothing_more(user5)  # 4 is still awaited, 5..8 still waiting
     stats = running.stats()
-    assert stats["counters"]["skipped"] == 2
-    assert stats["next_seq"] == 4 and stats["reorder_depth"] == 4
+    assert stats.counters.skipped == 2
+    assert stats.next_seq == 4 and stats.reorder_depth == 4
     source.sendall(broadcasts(4))
     expected = broadcasts(4, 5, 6, 7, 8)
     assert receive_exactly(user5, len(expected)) == expected
@@ -85,7 +85,7 @@ def test_only_the_lowest_gap_is_declared_lost(start_broker, caplog):
     source.sendall(broadcasts(11, 12, 13, 14, 15))
     expected = broadcasts(11, 12, 13, 14, 15)
     assert receive_exactly(user5, len(expected)) == expected
-    assert running.stats()["counters"]["skipped"] == 4
+    assert running.stats().counters.skipped == 4
     messages = skip_messages(caplog)
     assert len(messages) == 2, messages
     assert "1..2" in messages[0] and "9..10" in messages[1], messages
@@ -98,10 +98,10 @@ def test_lost_seq_arriving_late_is_dropped_and_counted_late(start_broker):
     source.sendall(broadcasts(2, 3, 4))  # 1 lost
     assert receive_exactly(user5, 15) == broadcasts(2, 3, 4)
     source.sendall(b"1|P|7|5\r\n")  # the lost number finally arrives
-    wait_until(lambda: running.stats()["counters"]["late"] == 1)
+    wait_until(lambda: running.stats().counters.late == 1)
     assert_nothing_more(user5)
-    counters = running.stats()["counters"]
-    assert counters["duplicate"] == 0
+    counters = running.stats().counters
+    assert counters.duplicate == 0
     source.sendall(broadcasts(5))
     assert receive_exactly(user5, 5) == b"5|B\r\n"
     assert_nothing_more(user5)
@@ -114,11 +114,11 @@ def test_reverse_ordered_stream_stays_within_max_pending_and_delivers_the_tail(s
     source.sendall(broadcasts(*range(100, 0, -1)))
     expected = broadcasts(*range(90, 101))  # 100..90 fill the buffer; 1..89 lost
     assert receive_exactly(user5, len(expected)) == expected
-    wait_until(lambda: running.stats()["counters"]["late"] == 89)
+    wait_until(lambda: running.stats().counters.late == 89)
     assert_nothing_more(user5)
     stats = running.stats()
-    assert stats["counters"]["skipped"] == 89
-    assert stats["reorder_depth"] == 0
+    assert stats.counters.skipped == 89
+    assert stats.reorder_depth == 0
 
 
 def test_resent_seq_is_dropped_whether_delivered_or_still_waiting(start_broker):
@@ -127,13 +127,13 @@ def test_resent_seq_is_dropped_whether_delivered_or_still_waiting(start_broker):
     source = connect_source(running.event_port)
     source.sendall(broadcasts(1, 1, 3, 3))  # 1 delivered twice? 3 waiting twice?
     assert receive_exactly(user5, 5) == b"1|B\r\n"
-    wait_until(lambda: running.stats()["counters"]["duplicate"] == 2)
+    wait_until(lambda: running.stats().counters.duplicate == 2)
     source.sendall(b"3|P|7|5\r\n" + broadcasts(2))  # a changed resend is still a duplicate
     expected = broadcasts(2, 3)
     assert receive_exactly(user5, len(expected)) == expected
     assert_nothing_more(user5)
-    counters = running.stats()["counters"]
-    assert counters["duplicate"] == 3 and counters["late"] == 0 and counters["skipped"] == 0
+    counters = running.stats().counters
+    assert counters.duplicate == 3 and counters.late == 0 and counters.skipped == 0
 
 
 def test_waiting_for_a_missing_seq_below_the_limit_does_not_skip_it(start_broker):
@@ -141,9 +141,9 @@ def test_waiting_for_a_missing_seq_below_the_limit_does_not_skip_it(start_broker
     user5 = connect_client(running.client_port, 5, wait_registered=running)
     source = connect_source(running.event_port)
     source.sendall(broadcasts(*range(2, 1001)))  # 999 waiting, below the limit
-    wait_until(lambda: running.stats()["reorder_depth"] == 999)
+    wait_until(lambda: running.stats().reorder_depth == 999)
     time.sleep(0.3)
-    assert running.stats()["counters"]["skipped"] == 0
+    assert running.stats().counters.skipped == 0
     assert_nothing_more(user5, wait=0.05)
     source.sendall(broadcasts(1))
     expected = broadcasts(*range(1, 1001))
@@ -157,7 +157,7 @@ def test_every_lost_number_is_logged_even_when_many_ranges_are_lost_at_once(star
     running = start_broker(max_pending=1)
     source = connect_source(running.event_port)
     source.sendall(broadcasts(*range(2, 302, 2)))
-    wait_until(lambda: running.stats()["counters"]["skipped"] == 149)
+    wait_until(lambda: running.stats().counters.skipped == 149)
     logged = set()
     for message in skip_messages(caplog):
         for first, last in re.findall(r"(\d+)\.\.(\d+)", message):

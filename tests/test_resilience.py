@@ -8,9 +8,11 @@ being served, and accepting resumes once descriptors are free again."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import random
 import resource
+import selectors
 import socket
 import threading
 import time
@@ -68,8 +70,8 @@ def test_garbage_and_non_utf8_bytes_on_the_event_port_never_crash_the_broker(sta
     source.sendall(b"1|B\r\n")
     assert receive_exactly(user5, 5) == b"1|B\r\n"
     assert_nothing_more(user5)
-    counters = running.stats()["counters"]
-    assert counters["unsequenced"] > 100 and counters["overlong"] >= 0
+    counters = running.stats().counters
+    assert counters.unsequenced > 100 and counters.overlong >= 0
     # garbage cut off by a reset, then a new source
     rogue = connect_source(running.event_port)
     rogue.sendall(garbage(2, 50_000)[:-1])
@@ -100,8 +102,8 @@ def test_garbage_on_the_client_port_never_crashes_the_broker(start_broker):
     assert receive_exactly(chatty, 9) == b"1|P|1|5\r\n"
     assert_serving(running, source, seq=2)
     stats = running.stats()
-    assert stats["closes"]["invalid_id"] == 30
-    assert stats["connections"] == 1
+    assert stats.closes["invalid_id"] == 30
+    assert stats.connections == 1
 
 
 def test_source_reset_mid_line_is_never_joined_to_the_next_source(start_broker):
@@ -111,13 +113,13 @@ def test_source_reset_mid_line_is_never_joined_to_the_next_source(start_broker):
     first.sendall(b"1|P|7|")
     time.sleep(0.05)
     reset(first)
-    wait_until(lambda: not running.stats()["source"]["connected"])
+    wait_until(lambda: not running.stats().source.connected)
     second = connect_source(running.event_port)
     # joined to the old fragment this would be "1|P|7|5", an event for user 5
     second.sendall(b"5\r\n1|B\r\n")
     assert receive_exactly(user5, 5) == b"1|B\r\n"
     assert_nothing_more(user5)
-    assert running.stats()["closes"]["source_error"] + running.stats()["closes"]["source_quit"] == 1
+    assert running.stats().closes["source_error"] + running.stats().closes["source_quit"] == 1
 
 
 def test_replaced_source_with_unread_bytes_does_not_take_the_new_source_down(start_broker):
@@ -148,12 +150,12 @@ def test_replaced_source_with_unread_bytes_does_not_take_the_new_source_down(sta
     new.sendall(b"2|P|2|5\r\n3|B\r\n")
     expected = b"2|P|2|5\r\n3|B\r\n"
     received = receive_exactly(user5, len(expected), timeout=2.0)
-    assert received == expected, running.stats()["recently_closed"]
+    assert received == expected, running.stats().recently_closed
     assert_nothing_more(user5)
     stats = running.stats()
-    assert stats["source"]["connected"], "the new event source was closed"
-    assert stats["closes"]["source_replaced"] == 1
-    assert stats["closes"]["source_error"] == 0, stats["recently_closed"]
+    assert stats.source.connected, "the new event source was closed"
+    assert stats.closes["source_replaced"] == 1
+    assert stats.closes["source_error"] == 0, stats.recently_closed
     assert read_until_closed(old, timeout=2.0)[0]
 
 
@@ -163,7 +165,7 @@ def test_clients_reset_mid_hello_or_with_bytes_queued_are_closed_alone(start_bro
     mid_hello = socket.create_connection(("127.0.0.1", running.client_port), timeout=WAIT)
     mid_hello.sendall(b"12")
     stalled = tiny_receiver(running.client_port, 5, rcvbuf=4096)
-    wait_until(lambda: running.stats()["clients"] == 2)
+    wait_until(lambda: running.stats().clients == 2)
     reset(mid_hello)
     source = connect_source(running.event_port)
     pad = b"4" * 3900
@@ -182,8 +184,8 @@ def test_clients_reset_mid_hello_or_with_bytes_queued_are_closed_alone(start_bro
     while len(reader_bytes) < len(events) and time.monotonic() < deadline:
         reader_bytes += healthy.recv(1 << 20)
     assert bytes(reader_bytes) == events
-    wait_until(lambda: running.stats()["connections"] == 1)
-    closes = running.stats()["closes"]
+    wait_until(lambda: running.stats().connections == 1)
+    closes = running.stats().closes
     assert closes["client_error"] + closes["client_quit"] == 2
     assert closes["slow_consumer_buffer"] == closes["slow_consumer_timeout"] == 0
     assert_serving(running, source, seq=1201)
@@ -197,10 +199,10 @@ def test_half_closed_source_has_its_terminated_lines_delivered(start_broker):
     source.shutdown(socket.SHUT_WR)
     expected = b"1|B\r\n2|P|1|5\r\n"
     assert receive_exactly(user5, len(expected)) == expected
-    wait_until(lambda: running.stats()["closes"]["source_quit"] == 1)
+    wait_until(lambda: running.stats().closes["source_quit"] == 1)
     assert read_until_closed(source, timeout=2.0)[0]
     stats = running.stats()
-    assert stats["next_seq"] == 3
+    assert stats.next_seq == 3
     assert_serving(running, seq=3)
 
 
@@ -210,7 +212,7 @@ def test_half_closed_client_is_closed_alone(start_broker):
     half = connect_client(running.client_port, 5, wait_registered=running)
     half.shutdown(socket.SHUT_WR)  # EOF from a client closes that connection only
     assert read_until_closed(half, timeout=2.0)[0]
-    assert running.stats()["closes"]["client_quit"] == 1
+    assert running.stats().closes["client_quit"] == 1
     source = connect_source(running.event_port)
     source.sendall(b"1|B\r\n")
     assert receive_exactly(other, 5) == b"1|B\r\n"
@@ -223,7 +225,7 @@ def test_accept_burst_of_hundreds_of_clients_is_served_whole(start_broker):
                for _ in range(count)]
     for index, sock in enumerate(clients):
         sock.sendall(b"%d\r\n" % (index + 1))
-    wait_until(lambda: running.stats()["clients"] == count)
+    wait_until(lambda: running.stats().clients == count)
     source = connect_source(running.event_port)
     source.sendall(b"1|B\r\n")
     for sock in clients:
@@ -291,9 +293,9 @@ def test_connect_disconnect_churn_returns_open_fds_to_where_they_started(start_b
 def test_connect_disconnect_churn_leaves_no_connections_behind(start_broker):
     running = start_broker(hello_timeout=5.0)
     churn(running.client_port, running.event_port, cycles=300)
-    wait_until(lambda: running.stats()["connections"] == 0 and
-               not running.stats()["source"]["connected"])
-    assert running.stats()["awaiting_hello"] == 0
+    wait_until(lambda: running.stats().connections == 0 and
+               not running.stats().source.connected)
+    assert running.stats().awaiting_hello == 0
     assert_serving(running)
 
 
@@ -367,10 +369,11 @@ def test_event_source_is_accepted_even_when_clients_used_every_file_descriptor(
     assert process.stop() == 0
 
 
-class FailingListener:
-    """Stands in for a listening socket whose accept() fails with one errno."""
+class FailingAccept:
+    """A listening socket whose next accept() fails once with one errno."""
 
-    def __init__(self, error_number: int):
+    def __init__(self, sock: socket.socket, error_number: int):
+        self.sock = sock
         self.error_number = error_number
         self.calls = 0
 
@@ -380,25 +383,49 @@ class FailingListener:
             raise OSError(self.error_number, os.strerror(self.error_number))
         raise BlockingIOError
 
-    def getsockname(self):
-        return ("127.0.0.1", 1)
-
     def fileno(self):
-        return -1
+        return self.sock.fileno()
+
+
+def listener_whose_accept_fails(error_number: int):
+    """(listener, its reactor, the stand-in socket, accepted sockets, errors counted)."""
+    reactor = mbroker.Reactor()
+    accepted, errors = [], []
+    listener = mbroker.Listener("127.0.0.1", 0, reactor, accepted.append,
+                                lambda: errors.append(error_number),
+                                mbroker.RateLimitedLog(logging.getLogger("test.accept")))
+    failing = FailingAccept(listener.sock, error_number)
+    listener.sock = failing
+    return listener, reactor, failing, accepted, errors
+
+
+def watched(reactor: mbroker.Reactor, sock) -> bool:
+    return sock.fileno() in reactor.selector.get_map()
 
 
 @pytest.mark.parametrize("error_number", [errno.ECONNABORTED, errno.ENETDOWN, errno.EPERM])
 def test_an_accept_error_of_one_connection_is_skipped_not_fatal(error_number):
-    broker = mbroker.Broker(mbroker.BrokerConfig(event_port=0, client_port=0))
-    listener = FailingListener(error_number)
-    assert list(broker._accept_ready(listener)) == []
-    assert listener.calls == 2  # it went on to the next connection
-    assert broker.accept_errors == 0
+    listener, reactor, failing, accepted, errors = listener_whose_accept_fails(error_number)
+    try:
+        listener.on_ready(selectors.EVENT_READ)
+        assert failing.calls == 2  # it went on to the next connection
+        assert errors == [] and accepted == []
+        assert watched(reactor, failing)
+    finally:
+        failing.sock.close()
+        reactor.close()
 
 
 def test_an_unforeseen_accept_error_pauses_accepting_instead_of_crashing():
-    broker = mbroker.Broker(mbroker.BrokerConfig(event_port=0, client_port=0))
-    listener = FailingListener(errno.EINVAL)
-    assert list(broker._accept_ready(listener)) == []
-    assert broker.accept_errors == 1
-    assert listener in broker._accept_paused_until
+    listener, reactor, failing, accepted, errors = listener_whose_accept_fails(errno.EINVAL)
+    try:
+        listener.on_ready(selectors.EVENT_READ)
+        assert errors == [errno.EINVAL]  # counted as accept_errors by the broker
+        assert not watched(reactor, failing)  # paused: no spinning on a readable socket
+        listener.resume_if_due(time.monotonic())
+        assert not watched(reactor, failing)  # not yet
+        listener.resume_if_due(time.monotonic() + mbroker.ACCEPT_RETRY_DELAY)
+        assert watched(reactor, failing)
+    finally:
+        failing.sock.close()
+        reactor.close()

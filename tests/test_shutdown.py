@@ -158,12 +158,12 @@ def test_stop_delivers_only_what_was_dispatched_not_the_paused_backlog(start_bro
     running = start_broker(max_buffered=50_000, dispatch_slice=4, flush_lines=4,
                            read_size=1 << 20, drain_timeout=5.0, write_timeout=60.0)
     client = tiny_receiver(running.client_port, 1, rcvbuf=4096)
-    wait_until(lambda: running.stats()["clients"] == 1)
+    wait_until(lambda: running.stats().clients == 1)
     pad = b"0" * 990
     source = connect_source(running.event_port)
     source.sendall(b"".join(b"%s%d|P|9|1\r\n" % (pad, seq) for seq in range(1, 257)))
-    wait_until(lambda: running.stats()["source"]["paused"])
-    dispatched = running.stats()["events_dispatched"]
+    wait_until(lambda: running.stats().source.paused)
+    dispatched = running.stats().events_dispatched
     assert dispatched < 256, "the test needs an undispatched backlog"
     running.broker.request_stop()
     closed, received = read_until_closed(client, timeout=10)

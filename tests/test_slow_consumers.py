@@ -15,6 +15,8 @@ import time
 from conftest import connect_client, connect_source, wait_until
 from fault_helpers import Reader, read_until_closed, tiny_receiver
 
+import mbroker
+
 USER = 7
 PAD = b"1" * 3900  # FROM padded to ~4 KB lines, well under the default --max-line
 BATCH = 64  # events per batch: ~250 KB
@@ -32,8 +34,8 @@ def batch(index: int) -> bytes:
 
 def client_stats(running, sock) -> dict | None:
     port = sock.getsockname()[1]
-    for client in running.stats()["top_clients"]:
-        if client["peer"].endswith(f":{port}"):
+    for client in running.stats().top_clients:
+        if client.peer.endswith(f":{port}"):
             return client
     return None
 
@@ -42,7 +44,7 @@ def start_two_clients(running):
     """Two connections for the same user: one healthy reader, one that never reads."""
     healthy = connect_client(running.client_port, USER)
     stalled = tiny_receiver(running.client_port, USER, rcvbuf=4096)
-    wait_until(lambda: running.stats()["clients"] == 2)
+    wait_until(lambda: running.stats().clients == 2)
     reader = Reader(healthy, expected=BATCH * BUDGET_BATCHES * len(event(1)) * 2, timeout=20)
     reader.start()
     return healthy, stalled, reader
@@ -58,8 +60,8 @@ def expect_everything_in_order(reader: Reader, batches: int) -> None:
 
 def closed_entry(running, sock) -> dict:
     port = sock.getsockname()[1]
-    entries = [c for c in running.stats()["recently_closed"] if c["peer"].endswith(f":{port}")]
-    assert len(entries) == 1, running.stats()["recently_closed"]
+    entries = [c for c in running.stats().recently_closed if c.peer.endswith(f":{port}")]
+    assert len(entries) == 1, running.stats().recently_closed
     return entries[0]
 
 
@@ -70,14 +72,14 @@ def test_client_that_never_reads_is_cut_off_at_max_client_buffer_while_healthy_c
     healthy, stalled, reader = start_two_clients(running)
     source = connect_source(running.event_port)
     sent = 0
-    while sent < BUDGET_BATCHES and running.stats()["counters"]["slow_consumers"] == 0:
+    while sent < BUDGET_BATCHES and running.stats().counters.slow_consumers == 0:
         source.sendall(batch(sent))
         sent += 1
     stats = running.stats()
-    assert stats["counters"]["slow_consumers"] == 1, f"not cut off after {sent} batches"
-    assert stats["closes"]["slow_consumer_buffer"] == 1
-    assert stats["closes"]["slow_consumer_timeout"] == 0
-    assert closed_entry(running, stalled)["reason"] == "slow_consumer_buffer"
+    assert stats.counters.slow_consumers == 1, f"not cut off after {sent} batches"
+    assert stats.closes["slow_consumer_buffer"] == 1
+    assert stats.closes["slow_consumer_timeout"] == 0
+    assert closed_entry(running, stalled).reason is mbroker.CloseReason.SLOW_CONSUMER_BUFFER
     # a few more batches after the cut: the healthy client still gets all of them
     for _ in range(3):
         source.sendall(batch(sent))
@@ -87,7 +89,7 @@ def test_client_that_never_reads_is_cut_off_at_max_client_buffer_while_healthy_c
     closed, received = read_until_closed(stalled, timeout=5)
     assert closed
     assert b"".join(batch(index) for index in range(sent)).startswith(received)
-    assert running.stats()["clients"] == 1
+    assert running.stats().clients == 1
     assert any("slow_consumer_buffer" in r.getMessage() for r in caplog.records)
 
 
@@ -98,19 +100,19 @@ def test_client_that_never_reads_is_cut_off_after_write_timeout_while_healthy_cl
     healthy, stalled, reader = start_two_clients(running)
     source = connect_source(running.event_port)
     sent = 0
-    while sent < BUDGET_BATCHES and not (client_stats(running, stalled) or {}).get("queued_bytes"):
+    while sent < BUDGET_BATCHES and not getattr(client_stats(running, stalled), "queued_bytes", 0):
         source.sendall(batch(sent))
         sent += 1
-    assert client_stats(running, stalled)["queued_bytes"] > 0, "nothing ever queued"
+    assert client_stats(running, stalled).queued_bytes > 0, "nothing ever queued"
     backlog_seen = time.monotonic()
-    wait_until(lambda: running.stats()["counters"]["slow_consumers"] == 1, timeout=3.0)
+    wait_until(lambda: running.stats().counters.slow_consumers == 1, timeout=3.0)
     waited = time.monotonic() - backlog_seen
     # write timeout 0.5 s, checked every 0.25 s; generous slack for a loaded machine
     assert waited < 1.5, waited
     stats = running.stats()
-    assert stats["closes"]["slow_consumer_timeout"] == 1
-    assert stats["closes"]["slow_consumer_buffer"] == 0
-    assert closed_entry(running, stalled)["reason"] == "slow_consumer_timeout"
+    assert stats.closes["slow_consumer_timeout"] == 1
+    assert stats.closes["slow_consumer_buffer"] == 0
+    assert closed_entry(running, stalled).reason is mbroker.CloseReason.SLOW_CONSUMER_TIMEOUT
     expect_everything_in_order(reader, sent)
     assert read_until_closed(stalled, timeout=5)[0]
     assert any("slow_consumer_timeout" in r.getMessage() for r in caplog.records)
