@@ -9,7 +9,10 @@ graph), so a maze success against it also cross-checks maze's expectations.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
+import math
+import random
 import re
 import select
 import socket
@@ -262,6 +265,38 @@ def test_correct_broker_passes_and_report_is_written(tmp_path):
     assert report["events"] == 2000
     assert report["notifications"] > 0
     assert report["failures"] == []
+    # Unpaced: latency is still measured (mostly queueing), and there is no schedule.
+    assert report["latency"]["count"] == report["notifications"]
+    assert "unpaced, so mostly time spent queued" in result.stdout
+    assert report["sender"]["rate"] is None
+    assert report["sender"]["max_lag_seconds"] is None
+
+
+def test_paced_run_reports_latency_of_every_notification_and_the_schedule(tmp_path):
+    report_path = tmp_path / "report.json"
+    with FakeBroker() as broker:
+        result = run_maze(*SMALL_RUN, *broker.ports(), "--rate", "20000",
+                          "--json", str(report_path))
+    assert result.returncode == 0, output_of(result)
+    assert SUCCESS_LINE in result.stdout.splitlines()
+    report = json.loads(report_path.read_text())
+    latency = report["latency"]
+    assert set(latency) == {"count", "min", "mean", "p50", "p90", "p99", "p999", "max"}
+    assert latency["count"] == report["notifications"] > 0
+    assert 0 <= latency["min"] <= latency["p50"] <= latency["p90"] <= latency["p99"] \
+        <= latency["p999"] <= latency["max"]
+    assert latency["min"] <= latency["mean"] <= latency["max"]
+    sender = report["sender"]
+    assert sender["rate"] == 20000
+    assert sender["events_per_write"] == 20  # 1 ms of events
+    assert sender["writes"] >= 2000 // 20
+    assert sender["achieved_events_per_second"] > 0
+    assert 0 <= sender["final_lag_seconds"] <= sender["max_lag_seconds"]
+    # The last of 100 writes is due 99 ms after the first: the schedule was kept to.
+    assert report["seconds"] >= 0.099
+    assert "mode: broker, streaming, paced at 20,000 events/s" in result.stdout
+    assert "latency: p50 " in result.stdout
+    assert "sender: paced at 20,000 events/s, 20 events per write" in result.stdout
 
 
 def test_correct_broker_passes_with_lf_terminators_ordered_stream_and_pregeneration():
@@ -370,7 +405,7 @@ def test_replay_broker_mode_serves_a_maze_run_with_the_same_settings():
         client_ports = [address.rsplit(":", 1)[1] for address in match.group(2).split(",")]
         assert len(client_ports) == 2
         result = run_maze(*SMALL_RUN, *settings, "--eventListenerPort", match.group(1),
-                          "--clientListenerPort", ",".join(client_ports))
+                          "--clientListenerPort", ",".join(client_ports), "--rate", "50000")
         assert result.returncode == 0, output_of(result)
         assert SUCCESS_LINE in result.stdout
         assert f"clients per port: {client_ports[0]}: 5, {client_ports[1]}: 5" in result.stdout
@@ -383,6 +418,67 @@ def test_replay_broker_mode_serves_a_maze_run_with_the_same_settings():
 
 
 # -- generator -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("max_batch", "chunk_events"), [(100, 7), (1, 500), (3000, 1000)])
+def test_release_offsets_are_where_each_prefix_of_the_stream_completes(max_batch,
+                                                                        chunk_events):
+    """Recomputed by brute force from the bytes: a notification for SEQ s is released
+    at the end of the line that completes SEQs 1..s."""
+    generator = maze.WorkloadGenerator(4000, 10, 60, seed=5, max_batch=max_batch,
+                                       track_release=True)
+    whole = maze.join_chunks(generator.chunks(chunk_events))
+    lines = whole.source.split(b"\r\n")[:-1]
+    line_ends = list(itertools.accumulate(len(line) + 2 for line in lines))
+    assert list(whole.release.line_ends) == line_ends
+    seen: set[int] = set()
+    complete = 0
+    release_of_seq = {}
+    for line, end in zip(lines, line_ends, strict=True):
+        seen.add(int(line.split(b"|")[0]))
+        while complete + 1 in seen:
+            complete += 1
+            release_of_seq[complete] = end
+    for user, data in whole.expected.items():
+        seqs = [int(line.split(b"|")[0]) for line in data.split(b"\r\n")[:-1]]
+        assert list(whole.release.notifications[user]) == [release_of_seq[seq]
+                                                           for seq in seqs]
+    # Tracking does not change the workload.
+    untracked = maze.join_chunks(maze.WorkloadGenerator(
+        4000, 10, 60, seed=5, max_batch=max_batch).chunks(chunk_events))
+    assert (untracked.source, untracked.expected) == (whole.source, whole.expected)
+
+
+def test_latency_recorder_measures_from_the_write_that_released_each_notification():
+    clock = maze.ReleaseClock()
+    for end, when in ((100, 1.0), (250, 2.0), (400, 3.0)):
+        clock.record(end, when)
+    recorder = maze.LatencyRecorder(clock)
+    # Released at offsets 100 (write 1), 150 and 250 (write 2), 400 (write 3); one read
+    # at t=5 completes all four.
+    recorder.record([90, 100, 150, 250, 400], 1, 5, 5.0)
+    summary = recorder.histogram.summary()
+    assert summary.count == 4
+    assert summary.min == pytest.approx(2.0)
+    assert summary.max == pytest.approx(4.0)
+    assert summary.mean == pytest.approx((4 + 3 + 3 + 2) / 4)
+    clock.forget_before(300)
+    assert list(clock.ends) == [400]
+
+
+def test_latency_percentiles_stay_within_a_fraction_of_a_percent_of_exact():
+    rng = random.Random(1)
+    values = [rng.lognormvariate(-7, 1.5) for _ in range(20_000)] + [0.0, 5e-7]
+    histogram = maze.LatencyHistogram()
+    for value in values:
+        histogram.add(value)
+    values.sort()
+    fractions = [0.5, 0.9, 0.99, 0.999]
+    for fraction, estimate in zip(fractions, histogram.percentiles(fractions), strict=True):
+        exact = values[math.ceil(fraction * len(values)) - 1]
+        assert estimate == pytest.approx(exact, rel=0.002)
+    summary = histogram.summary()
+    assert (summary.count, summary.min, summary.max) == (len(values), 0.0, values[-1])
 
 
 def workload_bytes(**overrides):

@@ -23,9 +23,11 @@ benchmarks can reuse it. Standard library only.
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import itertools
 import json
+import math
 import operator
 import os
 import random
@@ -83,6 +85,7 @@ class MazeConfig:
     sink: bool = False
     serve_replay: bool = False
     json_path: str | None = None
+    rate: float | None = None  # events/s the source is paced at; None: as fast as possible
 
     @property
     def client_port(self) -> int:
@@ -142,7 +145,7 @@ def as_argument_type(read: Callable[[str], object]) -> Callable[[str], object]:
 
 # Settings given as plain flags; each one overrides the MazeConfig default if given.
 OPTIONAL_SETTINGS = ("max_follows", "grace_ms", "settle_ms", "max_backlog_bytes",
-                     "chunk_events", "json_path")
+                     "chunk_events", "json_path", "rate")
 
 
 def parse_mix(text: str) -> dict[str, float]:
@@ -191,7 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="pause generation while a client has more expected bytes than "
                         "this not yet received (4194304)")
     parser.add_argument("--chunk-events", type=int,
-                        help=f"events generated per chunk ({DEFAULT_CHUNK_EVENTS})")
+                        help=f"events generated per chunk ({DEFAULT_CHUNK_EVENTS}; with "
+                        "--rate, 1 ms of events, so that generating never holds up the "
+                        "loop for long)")
+    parser.add_argument("--rate", type=float, metavar="EVENTS_PER_S",
+                        help="pace the source at this many events/s, in writes of at most "
+                        "1 ms of events each, scheduled from the first write (default: as "
+                        "fast as the broker reads); latency is meaningful only when paced")
     parser.add_argument("--pregenerate", action="store_true",
                         help="build the whole workload before the clock starts (benchmarking)")
     parser.add_argument("--dry-run", action="store_true",
@@ -200,9 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="no broker: stream into an in-process discarding event sink, with "
                         "zero clients; measures the tool's own sending ceiling")
     parser.add_argument("--serve-replay", action="store_true",
-                        help="act as a fake broker instead: listen on the two ports and "
-                        "replay the notifications that a maze run with the same settings "
-                        "expects; measures maze's verification ceiling without a real broker")
+                        help="act as a fake broker instead: listen on the event port and "
+                        "every client port, and forward each notification that a maze run "
+                        "with the same settings expects as soon as the source bytes that "
+                        "release it have arrived; measures maze's own ceiling and its own "
+                        "share of latency")
     parser.add_argument("--json", dest="json_path", metavar="PATH",
                         help="also write the final report as JSON to PATH")
     return parser
@@ -242,6 +253,9 @@ def parse_config(argv: Sequence[str] | None = None,
         value = getattr(arguments, attribute)
         if value is not None:
             setattr(config, attribute, value)
+    if config.rate is not None and arguments.chunk_events is None and config.rate > 0:
+        config.chunk_events = max(1, min(DEFAULT_CHUNK_EVENTS,
+                                         events_per_paced_write(config.rate)))
     config.pregenerate = arguments.pregenerate
     config.dry_run = arguments.dry_run
     config.sink = arguments.sink
@@ -272,6 +286,8 @@ def validate_config(config: MazeConfig) -> list[str]:
         problems.append("--max-backlog must be >= 1")
     if config.grace_ms < 0 or config.settle_ms < 0 or config.log_interval_ms < 0:
         problems.append("times must be >= 0")
+    if config.rate is not None and not 0 < config.rate < math.inf:
+        problems.append("--rate must be a positive number of events per second")
     return problems
 
 
@@ -308,6 +324,19 @@ PERMUTATIONS_PER_SIZE = 32
 
 
 @dataclass
+class ReleaseOffsets:
+    """Where a chunk's lines end, and where each of its notifications is released.
+
+    Offsets count bytes of the whole source stream from its start. A notification for
+    SEQ s can only be dispatched once every event with SEQ <= s has reached the broker,
+    so it is released at the end of whichever of those lines comes last in the stream.
+    """
+
+    line_ends: Sequence[int]  # per source line, in sending order, the offset just past it
+    notifications: dict[int, array]  # user id -> 'q': per expected notification, in order
+
+
+@dataclass
 class WorkloadChunk:
     """A run of whole batches: the source bytes and what each connected user must get."""
 
@@ -315,6 +344,7 @@ class WorkloadChunk:
     expected: dict[int, bytes]  # user id -> notification bytes, in sequence order
     events: int
     notifications: int
+    release: ReleaseOffsets | None = None  # from a generator made with track_release=True
 
 
 def build_kind_table(mix: Mapping[str, float]) -> bytes:
@@ -344,18 +374,22 @@ def build_kind_table(mix: Mapping[str, float]) -> bytes:
 class WorkloadGenerator:
     """Streams a seeded event workload in chunks, with the notifications it implies.
 
-    The follow-graph oracle follows docs/behaviour.md 2.1: F notifies TO and adds the follow, U
-    notifies nobody and removes it, B goes to every connected user, P to TO, S to every
-    current follower of FROM. Only follows by connected users can ever cause a
+    The follow-graph oracle follows docs/behaviour.md 2.1: F notifies TO and adds the
+    follow, U notifies nobody and removes it, B goes to every connected user, P to TO, S
+    to every current follower of FROM. Only follows by connected users can ever cause a
     notification, so only those are kept per followed user; the full set of follow pairs
     is kept too (bounded by ``max_follows``) so that unfollows can pick real follows.
+
+    With ``track_release``, each chunk also carries its ReleaseOffsets, for pacing the
+    source by whole lines and for measuring latency.
 
     Memory is bounded by ``max_follows`` and one chunk, whatever ``total_events`` is.
     """
 
     def __init__(self, total_events: int, concurrency: int, users: int, seed: int = 666,
                  max_batch: int = 100, terminator: bytes = b"\r\n",
-                 mix: Mapping[str, float] | None = None, max_follows: int | None = None):
+                 mix: Mapping[str, float] | None = None, max_follows: int | None = None,
+                 track_release: bool = False):
         if users < 1 or concurrency < 0 or concurrency > users:
             raise ValueError("need users >= 1 and 0 <= concurrency <= users")
         if max_batch < 1 or total_events < 0:
@@ -367,6 +401,7 @@ class WorkloadGenerator:
         self.max_batch = max_batch
         self.terminator = terminator
         self.max_follows = users * 20 if max_follows is None else max(1, max_follows)
+        self.track_release = track_release
         self._kind_table = build_kind_table(DEFAULT_MIX if mix is None else mix)
         self._rng = random.Random(seed)
         # Separate seeded streams for event contents, batch cuts and shuffles, each drawn
@@ -378,17 +413,21 @@ class WorkloadGenerator:
         self.connected_users: list[int] = self._rng.sample(range(1, users + 1), concurrency)
         self._connected = frozenset(self.connected_users)
         self._connected_followers: dict[int, dict[int, object]] = {}
-        # Per connected user, the expected lines of the chunk being generated (kept across
-        # chunks and cleared, so the oracle can hold their append methods).
-        self._expected_lines: dict[int, list[str]] = {user: [] for user in
-                                                      self.connected_users}
-        self._appender_of = {user: lines.append for user, lines
-                             in self._expected_lines.items()}
+        # Per connected user, the notifications of the chunk being generated, as indexes
+        # into the chunk's lines in sequence order (kept across chunks and cleared, so the
+        # oracle can hold their append methods). An index, unlike the line itself, also
+        # finds the notification's release offset.
+        self._notified: dict[int, list[int]] = {user: [] for user in self.connected_users}
+        self._appender_of = {user: indexes.append for user, indexes
+                             in self._notified.items()}
         self._follow_pairs: list[int] = []  # pair keys, for picking a random existing follow
         self._follow_slot: dict[int, int] = {}  # pair key -> index in _follow_pairs
-        self._permutations: dict[int, list[operator.itemgetter]] = {}
+        # batch size -> [(reorder lines, prefix completions)], see _shuffle_batches
+        self._permutations: dict[int, list[tuple[operator.itemgetter,
+                                                 Completions | None]]] = {}
         self.events_generated = 0
         self.notifications_generated = 0
+        self.source_bytes_generated = 0
 
     def id_line(self, user: int) -> bytes:
         return b"%d%s" % (user, self.terminator)
@@ -422,40 +461,65 @@ class WorkloadGenerator:
         lines, notifications = self._generate_lines(first_seq, words[0::3], words[1::3],
                                                     words[2::3])
         if batch_sizes:
-            lines = self._shuffle_batches(lines, batch_sizes, batch_words)
-        source = "".join(lines).encode("ascii")
+            sent, completions = self._shuffle_batches(lines, batch_sizes, batch_words)
+        else:
+            sent, completions = lines, None
+        source = "".join(sent).encode("ascii")
+        release = release_of_event = None
+        if self.track_release:
+            # Lines are ASCII: a line's length in characters is its length in bytes.
+            line_ends = list(itertools.accumulate(map(len, sent),
+                                                  initial=self.source_bytes_generated))
+            del line_ends[0]
+            release_of_event = (line_ends if completions is None
+                                else prefix_releases(line_ends, batch_sizes, completions))
+            release = ReleaseOffsets(line_ends, {})
         expected = {}
-        for user, user_lines in self._expected_lines.items():
-            if user_lines:
-                expected[user] = "".join(user_lines).encode("ascii")
-                user_lines.clear()
+        for user, indexes in self._notified.items():
+            if indexes:
+                expected[user] = "".join(pick(lines, indexes)).encode("ascii")
+                if release is not None:
+                    release.notifications[user] = array("q", pick(release_of_event, indexes))
+                indexes.clear()
         self.events_generated = first_seq + count
         self.notifications_generated += notifications
-        return WorkloadChunk(source, expected, count, notifications)
+        self.source_bytes_generated += len(source)
+        return WorkloadChunk(source, expected, count, notifications, release)
 
-    def _shuffle_batches(self, lines: list[str], batch_sizes: list[int],
-                         batch_words: list[int]) -> list[str]:
+    def _shuffle_batches(self, lines: list[str], batch_sizes: list[int], batch_words: list[int],
+                         ) -> tuple[list[str], list[Completions | None] | None]:
         """Shuffle each batch; batches stay in order, so the stream is only locally out of
-        order (what a real source's reordering looks like)."""
+        order (what a real source's reordering looks like).
+
+        Returns the lines in sending order and, with track_release, each batch's prefix
+        completions (None for a batch of one line), for prefix_releases."""
         rng = self._shuffle_rng
         shuffled: list[str] = []
         extend = shuffled.extend
+        completions: list[Completions | None] | None = [] if self.track_release else None
         start = 0
         if self.max_batch > PERMUTATION_CACHE_MAX_BATCH:
+            # Shuffling positions draws the same random numbers as shuffling the lines.
             shuffle = rng.shuffle
             for size in batch_sizes:
                 batch = lines[start:start + size]
-                shuffle(batch)
-                extend(batch)
+                order = list(range(size))
+                shuffle(order)
+                extend(map(batch.__getitem__, order))
+                if completions is not None:
+                    completions.append(prefix_completions(order))
                 start += size
-            return shuffled
+            return shuffled, completions
         # A shuffle per batch costs a Python-level step per line. Instead, reuse a small,
         # seeded set of precomputed permutations per batch size, applied at C speed by an
-        # itemgetter; the order is still random per batch and the run still seeded.
+        # itemgetter; the order is still random per batch and the run still seeded. Each
+        # permutation comes with its prefix completions.
         permutations = self._permutations
         for size, choice in zip(batch_sizes, batch_words, strict=True):
             if size == 1:
                 shuffled.append(lines[start])
+                if completions is not None:
+                    completions.append(None)
                 start += 1
                 continue
             getters = permutations.get(size)
@@ -464,11 +528,15 @@ class WorkloadGenerator:
                 for _ in range(PERMUTATIONS_PER_SIZE):
                     order = list(range(size))
                     rng.shuffle(order)
-                    getters.append(operator.itemgetter(*order))
+                    getters.append((operator.itemgetter(*order), prefix_completions(order)
+                                    if self.track_release else None))
                 permutations[size] = getters
-            extend(getters[choice % PERMUTATIONS_PER_SIZE](lines[start:start + size]))
+            reorder, completion = getters[choice % PERMUTATIONS_PER_SIZE]
+            extend(reorder(lines[start:start + size]))
+            if completions is not None:
+                completions.append(completion)
             start += size
-        return shuffled
+        return shuffled, completions
 
     def _random_words(self, count: int) -> array:
         """``count`` random 32-bit words from the event stream, drawn in bulk (C speed)."""
@@ -483,14 +551,15 @@ class WorkloadGenerator:
         """The event lines in sequence order, and how many notifications they cause.
 
         The hot loop: one iteration per event, with as little Python work as possible.
-        Each notification is appended to its user's list of expected lines."""
+        Each notification appends the event's index in the returned list to its user's
+        list of notifications."""
         terminator = self.terminator.decode("ascii")
         users = self.users
         key_base = users + 1
         kind_table = self._kind_table
         table_mask = KIND_TABLE_SIZE - 1
         connected = self._connected
-        # followed user -> {connected follower: append method of that follower's lines}
+        # followed user -> {connected follower: append method of its notifications}
         connected_followers = self._connected_followers
         follow_pairs = self._follow_pairs
         follow_slot = self._follow_slot
@@ -502,9 +571,9 @@ class WorkloadGenerator:
         lines: list[str] = []
         append_line = lines.append
         notifications = 0
-        for seq, kind_word, first_word, second_word in zip(
-                itertools.count(first_seq + 1), kind_words, first_words, second_words,
-                strict=False):
+        for index, seq, kind_word, first_word, second_word in zip(
+                itertools.count(), itertools.count(first_seq + 1), kind_words, first_words,
+                second_words, strict=False):
             kind = kind_table[kind_word & table_mask]
             follower = first_word % users + 1
             followed = second_word % users + 1
@@ -527,20 +596,20 @@ class WorkloadGenerator:
                 line = f"{seq}|F|{follower}|{followed}{terminator}"
                 append_expected = appender_for(followed)
                 if append_expected is not None:
-                    append_expected(line)
+                    append_expected(index)
                     notifications += 1
             elif kind == PRIVATE:
                 line = f"{seq}|P|{follower}|{followed}{terminator}"
                 append_expected = appender_for(followed)
                 if append_expected is not None:
-                    append_expected(line)
+                    append_expected(index)
                     notifications += 1
             elif kind == STATUS:
                 line = f"{seq}|S|{follower}{terminator}"
                 followers = connected_followers.get(follower)
                 if followers:
                     for append_expected in followers.values():
-                        append_expected(line)
+                        append_expected(index)
                     notifications += len(followers)
             elif kind == UNFOLLOW:
                 if follow_pairs and (kind_word >> KIND_TABLE_BITS) % 10 < UNFOLLOW_EXISTING_PER_TEN:
@@ -563,7 +632,7 @@ class WorkloadGenerator:
             else:  # BROADCAST
                 line = f"{seq}|B{terminator}"
                 for append_expected in every_appender:
-                    append_expected(line)
+                    append_expected(index)
                 notifications += connected_count
             append_line(line)
         return lines, notifications
@@ -592,10 +661,48 @@ def generate_workload(total_events: int, concurrency: int, users: int, seed: int
             {user: bytes(data) for user, data in expected.items()})
 
 
+# A batch's prefix completions: given the batch's slice of line ends (in sending order),
+# the offsets where each prefix of the batch, in sequence order, is complete.
+Completions = Callable[[Sequence[int]], tuple[int, ...]]
+
+
+def prefix_completions(order: Sequence[int]) -> Completions:
+    """For a batch sent in ``order`` (``order[j]`` is the sequence position of the j-th
+    line sent): prefix i is complete once the last-sent of its first i+1 lines is sent."""
+    sent_at = sorted(range(len(order)), key=order.__getitem__)
+    return operator.itemgetter(*itertools.accumulate(sent_at, max))
+
+
+def prefix_releases(line_ends: list[int], batch_sizes: Sequence[int],
+                    completions: Sequence[Completions | None]) -> list[int]:
+    """Each event's release offset, in sequence order: the end of the line that completes
+    its prefix. Batches never overlap, so a prefix completes inside its own batch."""
+    releases: list[int] = []
+    extend = releases.extend
+    start = 0
+    for size, completion in zip(batch_sizes, completions, strict=True):
+        if completion is None:
+            releases.append(line_ends[start])
+        else:
+            extend(completion(line_ends[start:start + size]))
+        start += size
+    return releases
+
+
+def pick(items: Sequence, indexes: Sequence[int]) -> Sequence:
+    """``[items[i] for i in indexes]`` at C speed (indexes not empty)."""
+    if len(indexes) == 1:
+        return (items[indexes[0]],)
+    return operator.itemgetter(*indexes)(items)
+
+
 def join_chunks(chunks: Iterable[WorkloadChunk]) -> WorkloadChunk:
     """The chunks as one chunk, in order (for building a whole workload up front)."""
     source = bytearray()
     expected: dict[int, bytearray] = collections.defaultdict(bytearray)
+    line_ends = array("q")
+    releases: dict[int, array] = collections.defaultdict(lambda: array("q"))
+    tracked = True
     events = notifications = 0
     for chunk in chunks:
         source += chunk.source
@@ -603,8 +710,15 @@ def join_chunks(chunks: Iterable[WorkloadChunk]) -> WorkloadChunk:
             expected[user] += data
         events += chunk.events
         notifications += chunk.notifications
+        if chunk.release is None:
+            tracked = False
+        elif tracked:
+            line_ends.extend(chunk.release.line_ends)  # an array: far smaller than a list
+            for user, offsets in chunk.release.notifications.items():
+                releases[user].extend(offsets)
     return WorkloadChunk(bytes(source), {user: bytes(data) for user, data in expected.items()},
-                         events, notifications)
+                         events, notifications,
+                         ReleaseOffsets(line_ends, dict(releases)) if tracked else None)
 
 
 # ======================================================================================
@@ -647,15 +761,21 @@ class ClientStream:
 
     __slots__ = ("user", "sock", "expected", "position", "discarded", "verified_lines",
                  "waiting_since", "tail", "mismatch_index", "mismatch_line_number",
-                 "failure")
+                 "failure", "latency", "release_offsets", "releases_dropped")
 
-    def __init__(self, user: int, sock: socket.socket | None):
+    def __init__(self, user: int, sock: socket.socket | None,
+                 latency: LatencyRecorder | None = None):
         self.user = user
         self.sock = sock
         self.expected = bytearray()  # expected bytes; [:position] already received
         self.position = 0
         self.discarded = 0  # verified bytes already dropped from the front of expected
         self.verified_lines = 0
+        self.latency = latency
+        # Per expected notification, its release offset (see ReleaseOffsets); the first
+        # releases_dropped notifications' offsets are gone with the verified bytes.
+        self.release_offsets = array("q")
+        self.releases_dropped = 0
         self.waiting_since = 0.0  # when the client last got a byte or started waiting
         self.tail: bytearray | None = None  # received bytes from the first difference on
         self.mismatch_index = 0
@@ -670,10 +790,18 @@ class ClientStream:
     def failed(self) -> bool:
         return self.tail is not None or self.failure is not None
 
-    def add_expected(self, data: bytes, now: float) -> None:
+    def add_expected(self, data: bytes, now: float,
+                     release_offsets: array | None = None) -> None:
         if self.position == len(self.expected):
             self.waiting_since = now  # the wait for the next notification starts now
         self.expected += data
+        if release_offsets is not None:
+            self.release_offsets.extend(release_offsets)
+
+    def next_release(self) -> int | None:
+        """The release offset of the next notification still to be received, if known."""
+        index = self.verified_lines - self.releases_dropped
+        return self.release_offsets[index] if index < len(self.release_offsets) else None
 
     def receive(self, data: bytes, now: float) -> int:
         """Check received bytes; returns how many were verified (all, or up to a diff)."""
@@ -686,7 +814,12 @@ class ClientStream:
         expected_slice = self.expected[position:position + size]
         if expected_slice == data:
             self.position = position + size
-            self.verified_lines += data.count(b"\n")
+            completed = data.count(b"\n")
+            self.verified_lines += completed
+            if completed and self.latency is not None:
+                first = self.verified_lines - completed - self.releases_dropped
+                if first + completed <= len(self.release_offsets):
+                    self.latency.record(self.release_offsets, first, first + completed, now)
             self.waiting_since = now
             if self.position >= COMPACT_AFTER_BYTES:
                 self._compact()
@@ -707,6 +840,8 @@ class ClientStream:
             del self.expected[:cut]
             self.position -= cut
             self.discarded += cut
+        del self.release_offsets[:self.verified_lines - self.releases_dropped]
+        self.releases_dropped = self.verified_lines
 
     def _expected_line_at(self, index: int) -> tuple[int, bytes]:
         line_start = self.expected.rfind(b"\n", 0, index) + 1
@@ -785,8 +920,10 @@ class Verifier:
     stops; what it received after a difference is kept for the diagnosis.
     """
 
-    def __init__(self, selector: selectors.BaseSelector, max_backlog_bytes: int):
+    def __init__(self, selector: selectors.BaseSelector, max_backlog_bytes: int,
+                 latency: LatencyRecorder | None = None):
         self.selector = selector
+        self.latency = latency
         self.streams: list[ClientStream] = []
         self._stream_of_user: dict[int, ClientStream] = {}
         self.max_backlog_bytes = max_backlog_bytes
@@ -798,15 +935,18 @@ class Verifier:
         # bound; remembering them avoids scanning every stream on every refill.
         self._backlogged: set[ClientStream] = set()
 
-    def add(self, stream: ClientStream) -> None:
+    def connect(self, user: int, sock: socket.socket) -> None:
+        stream = ClientStream(user, sock, self.latency)
         self.streams.append(stream)
-        self._stream_of_user[stream.user] = stream
-        self.selector.register(stream.sock, selectors.EVENT_READ, stream)
+        self._stream_of_user[user] = stream
+        self.selector.register(sock, selectors.EVENT_READ, stream)
 
-    def expect(self, expected: Mapping[int, bytes], now: float) -> None:
+    def expect(self, expected: Mapping[int, bytes], now: float,
+               release: ReleaseOffsets | None = None) -> None:
+        release_offsets = release.notifications if release is not None else {}
         for user, data in expected.items():
             stream = self._stream_of_user[user]
-            stream.add_expected(data, now)
+            stream.add_expected(data, now, release_offsets.get(user))
             self.notification_bytes_expected += len(data)
             if stream.pending_bytes > self.max_backlog_bytes:
                 self._backlogged.add(stream)
@@ -858,6 +998,13 @@ class Verifier:
     def any_failed(self) -> bool:
         return any(stream.failed for stream in self.streams)
 
+    def lowest_pending_release(self, default: int) -> int:
+        """The lowest release offset of a notification still to be received, else
+        ``default``."""
+        pending = [offset for offset in map(ClientStream.next_release, self.streams)
+                   if offset is not None]
+        return min(pending, default=default)
+
     def listen(self, seconds: float) -> None:
         """Keep reading every client for ``seconds`` (the end-of-run grace period).
 
@@ -898,15 +1045,142 @@ class Verifier:
 
 
 # ======================================================================================
+# End-to-end latency
+#
+# Rules: a notification for SEQ s can only be delivered once every event with SEQ <= s
+# has reached the broker. Its latency runs from the moment the source write that
+# completed the prefix 1..s returned, to the moment maze read the bytes that complete
+# the notification. Every verified notification is counted, never a sample: the
+# notifications completed by one read and released by one write share one value, so the
+# cost is per read and per write, not per line. Values go into buckets 0.2% wide, which
+# bounds memory and keeps percentiles within 0.1%; count, min, mean and max are exact.
+# ======================================================================================
+
+LATENCY_FLOOR = 1e-6  # seconds; anything shorter shares the lowest bucket
+LATENCY_BUCKET_GROWTH = 1.002  # each bucket's upper bound over its lower bound
+LATENCY_BUCKETS = 12_000  # up to 1e-6 * 1.002**12000 s, about 7 hours
+CLOCK_TRIM_WRITES = 1 << 16  # write log entries kept before dropping unneeded ones
+
+
+class ReleaseClock:
+    """The source's write log: when the bytes up to an offset had all been written."""
+
+    def __init__(self):
+        self.ends = array("q")  # offset just past each logged write, increasing
+        self.times = array("d")  # time.perf_counter() when that write's send() returned
+        self._trim_at = CLOCK_TRIM_WRITES
+
+    def record(self, end: int, when: float) -> None:
+        self.ends.append(end)
+        self.times.append(when)
+
+    @property
+    def needs_trim(self) -> bool:
+        return len(self.ends) >= self._trim_at
+
+    def forget_before(self, offset: int) -> None:
+        """Drop the writes that no notification released at ``offset`` or later needs."""
+        count = bisect.bisect_left(self.ends, offset)
+        del self.ends[:count]
+        del self.times[:count]
+        # A lagging client can pin old writes: try again only once the log has doubled.
+        self._trim_at = max(CLOCK_TRIM_WRITES, 2 * len(self.ends))
+
+
+class LatencyHistogram:
+    """Counts of latencies in logarithmic buckets, with exact count, min, max and sum."""
+
+    _BUCKETS_PER_E = 1 / math.log(LATENCY_BUCKET_GROWTH)
+
+    def __init__(self):
+        self.counts = [0] * LATENCY_BUCKETS
+        self.count = 0
+        self.total = 0.0
+        self.minimum = math.inf
+        self.maximum = 0.0
+
+    def add(self, seconds: float, count: int = 1) -> None:
+        seconds = max(seconds, 0.0)
+        if seconds < LATENCY_FLOOR:
+            bucket = 0
+        else:
+            bucket = min(LATENCY_BUCKETS - 1,
+                         int(math.log(seconds / LATENCY_FLOOR) * self._BUCKETS_PER_E) + 1)
+        self.counts[bucket] += count
+        self.count += count
+        self.total += seconds * count
+        self.minimum = min(self.minimum, seconds)
+        self.maximum = max(self.maximum, seconds)
+
+    def percentiles(self, fractions: Sequence[float]) -> list[float]:
+        """Nearest-rank percentiles: each the middle of its bucket, kept within the
+        exact extremes (so they never decrease and never pass the maximum)."""
+        cumulative = list(itertools.accumulate(self.counts))
+        values = []
+        for fraction in fractions:
+            rank = max(1, math.ceil(fraction * self.count))
+            bucket = bisect.bisect_left(cumulative, rank)
+            middle = LATENCY_FLOOR * LATENCY_BUCKET_GROWTH ** (bucket - 0.5)
+            values.append(min(max(middle, self.minimum), self.maximum))
+        return values
+
+    def summary(self) -> LatencySummary | None:
+        if not self.count:
+            return None
+        p50, p90, p99, p999 = self.percentiles([0.5, 0.9, 0.99, 0.999])
+        return LatencySummary(count=self.count, min=self.minimum,
+                              mean=self.total / self.count, p50=p50, p90=p90, p99=p99,
+                              p999=p999, max=self.maximum)
+
+
+class LatencyRecorder:
+    """Turns verified notifications into latencies, from their release offsets."""
+
+    def __init__(self, clock: ReleaseClock):
+        self.clock = clock
+        self.histogram = LatencyHistogram()
+
+    def record(self, release_offsets: Sequence[int], first: int, stop: int,
+               received_at: float) -> None:
+        """Notifications ``first``..``stop - 1`` of a stream, whose release offsets are
+        in ``release_offsets`` (increasing), were completed by a read at ``received_at``.
+        """
+        ends, times = self.clock.ends, self.clock.times
+        write = bisect.bisect_left(ends, release_offsets[first])
+        while first < stop:
+            if write == len(ends):
+                # Delivered before maze logged the write that released it: impossible for
+                # a broker that waits for the events, so this is counted as no latency.
+                self.histogram.add(0.0, stop - first)
+                return
+            released_together = bisect.bisect_right(release_offsets, ends[write], first, stop)
+            self.histogram.add(received_at - times[write], released_together - first)
+            first = released_together
+            if first < stop:
+                write = bisect.bisect_left(ends, release_offsets[first], write + 1)
+
+
+# ======================================================================================
 # The event-source sender
 #
-# Rules: the queue holds generated source bytes not yet written, in order. Bytes go out
-# only when the socket is writable, at most SEND_SIZE per send(); EVENT_WRITE is watched
-# only while bytes are queued. A stall is the broker not taking bytes: a blocked send()
-# shows it, and so do bytes that were written but sit unread in the kernel.
+# Rules: the queue holds generated source bytes not yet written, in order. Unpaced, bytes
+# go out whenever the socket is writable, at most SEND_SIZE per send(). Paced, they go
+# out in pieces of whole lines, at most PACED_WRITE_SECONDS of the schedule each; piece
+# k is due at start + k * events_per_write / rate, so a late piece does not push back
+# the ones after it and the rate does not drift. EVENT_WRITE is watched only while the
+# kernel holds back bytes that may go out now. Every write is logged in the release
+# clock. A stall is the broker not taking bytes: a blocked send() shows it, and so do
+# written bytes that the broker leaves unread in the kernel.
 # ======================================================================================
 
 SEND_SIZE = 1 << 20  # bytes handed to one send() call on the event source
+PACED_WRITE_SECONDS = 0.001  # a paced write carries at most this much of the schedule
+PACED_WRITES_PER_PASS = 64  # a sender behind schedule still lets the clients be read
+LINE_ENDS_KEPT = 1 << 16  # line ends of events already written, dropped past this
+
+
+def events_per_paced_write(rate: float) -> int:
+    return max(1, int(rate * PACED_WRITE_SECONDS))
 
 
 def unacknowledged_bytes(sock: socket.socket) -> int:
@@ -923,41 +1197,84 @@ def unacknowledged_bytes(sock: socket.socket) -> int:
 
 
 class SourceSender:
-    """The event source connection: queued source bytes out to the broker."""
+    """The event source connection: queued source bytes out to the broker, unpaced or
+    at ``rate`` events per second."""
 
-    def __init__(self, sock: socket.socket, selector: selectors.BaseSelector):
+    def __init__(self, sock: socket.socket, selector: selectors.BaseSelector,
+                 clock: ReleaseClock, rate: float | None = None):
         self.sock = sock
         self.selector = selector
+        self.clock = clock
         self._queue: collections.deque[memoryview] = collections.deque()
         self.queued_bytes = 0
         self.bytes_written = 0
+        self.writes = 0
         self.first_write_time: float | None = None
         self.last_write_time = 0.0
         self.failure: str | None = None
         self._watching_writes = False
-        # The source is waiting for the broker since its last write or since bytes were
-        # queued on an empty queue, whichever is later.
+        self._blocked = False  # the kernel did not take all it was offered
+        # The source waits for the broker since its last write, or since bytes became
+        # writable (queued on an empty queue, or a paced piece fell due), whichever is later.
         self._waiting_since = time.perf_counter()
-        # With nothing queued, a stall shows as a constant count of unread bytes.
-        self._unread = 0
-        self._unread_since = 0.0
+        # Otherwise a stall shows as written bytes left unread: the count of bytes the
+        # broker has taken stops moving.
+        self._acknowledged = 0
+        self._acknowledged_since = 0.0
+        # Pacing.
+        self.rate = rate
+        self.events_per_write = events_per_paced_write(rate) if rate else 0
+        self.events_queued = 0
+        self._line_ends = array("q")  # line ends of the queued events, paced only
+        self._line_ends_base = 0  # event number of _line_ends[0]
+        self._events_in_pieces = 0  # events handed to pieces so far
+        self._piece_end: int | None = None  # offset where the piece being written ends
+        self._piece_due = 0.0
+        self.schedule_start: float | None = None
+        self.pieces_written = 0
+        self._first_piece_events = 0
+        self._events_in_finished_pieces = 0
+        self._last_piece_time = 0.0
+        self.max_lag = 0.0
+        self.final_lag = 0.0
         sock.setblocking(False)
+        # A paced piece must leave at once, not wait for the previous one's ACK (Nagle).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         selector.register(sock, selectors.EVENT_READ, self)
 
     @property
     def idle(self) -> bool:
         return not self._queue
 
-    def enqueue(self, data: bytes, now: float) -> None:
+    def enqueue(self, data: bytes, events: int, line_ends: Sequence[int] | None,
+                now: float) -> None:
         if not data:
             return
-        if not self._queue:
+        if not self._queue and not self.rate:
             self._waiting_since = now
         self._queue.append(memoryview(data))
         self.queued_bytes += len(data)
+        self.events_queued += events
+        if self.rate:
+            if line_ends is None:
+                raise ValueError("a paced source needs the chunk's line ends")
+            self._line_ends.extend(line_ends)
+
+    def pump(self, now: float) -> None:
+        """Paced: write the pieces that are due (the kernel permitting)."""
+        if self.rate and not self._blocked and self.failure is None:
+            self._write_due_pieces(now)
+
+    def seconds_until_due(self, now: float, longest: float) -> float:
+        """How long select() may wait before the next paced piece is due."""
+        if not self.rate or self._piece_end is not None:
+            return longest
+        if self._events_in_pieces >= self.events_queued or self.schedule_start is None:
+            return longest
+        return min(longest, max(0.0, self._due_time(self._events_in_pieces) - now))
 
     def update_interest(self) -> None:
-        wanted = bool(self._queue)
+        wanted = bool(self._queue) and (self._blocked or not self.rate)
         if wanted != self._watching_writes:
             self.selector.modify(self.sock, selectors.EVENT_READ
                                  | (selectors.EVENT_WRITE if wanted else 0), self)
@@ -965,32 +1282,99 @@ class SourceSender:
 
     def on_ready(self, mask: int) -> None:
         if mask & selectors.EVENT_WRITE and self._queue:
-            self._write()
+            self._blocked = False
+            if self.rate:
+                self._write_due_pieces(time.perf_counter())
+            else:
+                self._send(SEND_SIZE)
         elif mask & selectors.EVENT_READ:
             self._read_unexpected()
 
-    def _write(self) -> None:
+    def _due_time(self, event: int) -> float:
+        piece = event // self.events_per_write
+        return self.schedule_start + piece * self.events_per_write / self.rate
+
+    def _write_due_pieces(self, now: float) -> None:
+        for _ in range(PACED_WRITES_PER_PASS):
+            if self._piece_end is None and not self._start_piece(now):
+                return
+            if not self._send(self._piece_end - self.bytes_written):
+                return
+            if self.bytes_written == self._piece_end:
+                self._finish_piece()
+
+    def _start_piece(self, now: float) -> bool:
+        first = self._events_in_pieces
+        if first >= self.events_queued:
+            return False
+        if self.schedule_start is None:
+            self.schedule_start = now
+        due = self._due_time(first)
+        if due > now:
+            return False
+        # Up to the next multiple of events_per_write: a piece that had to wait for
+        # generation is not followed by an extra, shorter one.
+        last = min((first // self.events_per_write + 1) * self.events_per_write,
+                   self.events_queued)
+        self._piece_end = self._line_ends[last - 1 - self._line_ends_base]
+        self._piece_due = due
+        self._events_in_pieces = last
+        self._waiting_since = max(self._waiting_since, now)
+        if not self.pieces_written:
+            self._first_piece_events = last
+        if last - self._line_ends_base > LINE_ENDS_KEPT:
+            del self._line_ends[:last - self._line_ends_base]
+            self._line_ends_base = last
+        return True
+
+    def _finish_piece(self) -> None:
+        lag = self.last_write_time - self._piece_due
+        self.max_lag = max(self.max_lag, lag)
+        self.final_lag = lag
+        self.pieces_written += 1
+        self._events_in_finished_pieces = self._events_in_pieces
+        self._last_piece_time = self.last_write_time
+        self._piece_end = None
+
+    def _send(self, limit: int) -> bool:
+        """Send up to ``limit`` bytes from the head of the queue; True if the kernel took
+        everything offered."""
         view = self._queue[0]
+        limit = min(limit, SEND_SIZE)
+        if self.rate and len(view) < limit and len(self._queue) > 1:
+            # A paced piece that spans two generated chunks still goes out in one write.
+            offered = b"".join((view, self._queue[1][:limit - len(view)]))
+        else:
+            offered = view[:limit]
         try:
-            sent = self.sock.send(view[:SEND_SIZE])
+            sent = self.sock.send(offered)
         except BlockingIOError:
-            return
+            sent = 0
         except OSError as error:
             self.failure = (f"event source: connection failed after {self.bytes_written} "
                             f"bytes written: {error}")
-            return
+            return False
         if not sent:
-            return
+            self._blocked = True
+            return False
+        written_before = self.bytes_written
         now = time.perf_counter()
         if self.first_write_time is None:
             self.first_write_time = now
         self.last_write_time = self._waiting_since = now
         self.bytes_written += sent
         self.queued_bytes -= sent
-        if sent == len(view):
+        self.writes += 1
+        self.clock.record(self.bytes_written, now)
+        while sent:
+            view = self._queue[0]
+            if sent < len(view):
+                self._queue[0] = view[sent:]
+                break
+            sent -= len(view)
             self._queue.popleft()
-        else:
-            self._queue[0] = view[sent:]
+        self._blocked = self.bytes_written - written_before < len(offered)
+        return not self._blocked
 
     def _read_unexpected(self) -> None:
         # The broker sends nothing on the event port: this is EOF or junk.
@@ -1008,14 +1392,15 @@ class SourceSender:
 
     def stalled_for(self, now: float) -> float:
         """Seconds the broker has not taken source bytes although some were waiting."""
-        if self._queue:
+        if self._queue and (not self.rate or self._piece_end is not None):
             return now - self._waiting_since
-        # Everything is written, but the kernel may still hold bytes the broker has not
-        # taken: a stall that send() alone cannot see.
+        # Nothing may be written right now, but the kernel may still hold bytes the
+        # broker has not taken: a stall that send() alone cannot see.
         unread = unacknowledged_bytes(self.sock)
-        if unread != self._unread:
-            self._unread, self._unread_since = unread, now
-        return now - self._unread_since if unread else 0.0
+        acknowledged = self.bytes_written - unread
+        if not unread or acknowledged != self._acknowledged:
+            self._acknowledged, self._acknowledged_since = acknowledged, now
+        return now - self._acknowledged_since if unread else 0.0
 
     def stall_message(self, stalled_for: float, timeout_ms: int) -> str:
         return (f"event source stalled: the broker has not read the event source for "
@@ -1023,6 +1408,19 @@ class SourceSender:
                 f"{self.bytes_written} bytes written "
                 f"({unacknowledged_bytes(self.sock)} of them not yet taken by the broker), "
                 f"{self.queued_bytes} more queued")
+
+    def summary(self) -> SenderSummary:
+        achieved = None
+        if self.rate and self.pieces_written > 1 and self._last_piece_time > self.schedule_start:
+            # Events after the first piece over the time since it: exactly the rate when
+            # every piece leaves on time.
+            achieved = ((self._events_in_finished_pieces - self._first_piece_events)
+                        / (self._last_piece_time - self.schedule_start))
+        return SenderSummary(
+            rate=self.rate, events_per_write=self.events_per_write or None,
+            writes=self.writes, achieved_events_per_second=achieved,
+            max_lag_seconds=self.max_lag if self.rate else None,
+            final_lag_seconds=self.final_lag if self.rate else None)
 
     def finish(self) -> None:
         """Tell the peer the stream is complete (EOF), keeping the socket open."""
@@ -1114,10 +1512,11 @@ class WorkloadFeed:
                 self.done = True
                 return
             now = time.perf_counter()
-            self._verifier.expect(chunk.expected, now)
+            self._verifier.expect(chunk.expected, now, chunk.release)
             self.notifications += chunk.notifications
             self.events += chunk.events
-            self._sender.enqueue(chunk.source, now)
+            self._sender.enqueue(chunk.source, chunk.events,
+                                 chunk.release.line_ends if chunk.release else None, now)
 
 
 class Watchdog:
@@ -1189,7 +1588,7 @@ class MazeRun:
         concurrency = 0 if config.sink else config.concurrency
         self.generator = WorkloadGenerator(
             config.total_events, concurrency, config.users, config.seed, config.max_batch,
-            config.terminator, config.mix, config.max_follows)
+            config.terminator, config.mix, config.max_follows, track_release=True)
 
     def run(self) -> RunReport:
         config = self.config
@@ -1199,12 +1598,15 @@ class MazeRun:
         cpu_start = time.process_time()
         sink = DiscardingSink(config.host) if config.sink else None
         selector = selectors.DefaultSelector()
-        verifier = Verifier(selector, config.max_backlog_bytes)
+        clock = ReleaseClock()
+        latency = LatencyRecorder(clock)
+        verifier = Verifier(selector, config.max_backlog_bytes, latency)
         sender = None
         try:
             clients_per_port = self._connect_clients(verifier)
             sender = SourceSender(self._connect_source(sink.port if sink else
-                                                       config.event_port), selector)
+                                                       config.event_port),
+                                  selector, clock, config.rate)
             feed = WorkloadFeed(chunks, sender, verifier)
             failures = self._drive(selector, feed, sender, verifier)
             end_time = max(verifier.last_verified_time, sender.last_write_time)
@@ -1233,9 +1635,12 @@ class MazeRun:
             seconds=end_time - started if started is not None else 0.0,
             cpu_seconds=time.process_time() - cpu_start,
             mode=("sink" if sink else "broker")
-            + (", pregenerated" if config.pregenerate else ", streaming"),
+            + (", pregenerated" if config.pregenerate else ", streaming")
+            + (f", paced at {config.rate:,.0f} events/s" if config.rate else ""),
             failures=failures,
             clients_per_port=clients_per_port,
+            latency=latency.histogram.summary(),
+            sender=sender.summary(),
         )
 
     def _chunks(self) -> Iterator[WorkloadChunk]:
@@ -1264,7 +1669,7 @@ class MazeRun:
                 raise MazeFailure(f"cannot connect user {user} to client port "
                                   f"{config.host}:{port}: {error}") from None
             sock.setblocking(False)
-            verifier.add(ClientStream(user, sock))
+            verifier.connect(user, sock)
             clients_per_port[port] += 1
         if verifier.streams:
             # The broker (and every edge, which lags it) must have read every id before
@@ -1286,10 +1691,13 @@ class MazeRun:
         watchdog = Watchdog(self.config.timeout_ms, sender, verifier)
         progress = ProgressLog(self.config.log_interval_ms, self.log,
                                self.config.total_events, feed, sender, verifier)
+        clock = sender.clock
         while True:
             feed.refill()
+            now = time.perf_counter()
+            sender.pump(now)
             sender.update_interest()
-            for key, mask in selector.select(SELECT_INTERVAL):
+            for key, mask in selector.select(sender.seconds_until_due(now, SELECT_INTERVAL)):
                 if key.data is sender:
                     sender.on_ready(mask)
                 else:
@@ -1305,6 +1713,8 @@ class MazeRun:
             if failures is not None:
                 return failures
             progress.maybe_log(now)
+            if clock.needs_trim:
+                clock.forget_before(verifier.lowest_pending_release(sender.bytes_written + 1))
 
     def _dry_run(self) -> RunReport:
         cpu_start = time.process_time()
@@ -1327,11 +1737,13 @@ class MazeRun:
 # Replay broker (--serve-replay)
 #
 # Rules: a fake broker that costs far less than maze, so that a run against it measures
-# maze itself. It regenerates the workload of a maze run with the same settings, reads
-# and discards the event stream and, each time the source bytes of a whole chunk have
-# arrived, queues that chunk's expected bytes to each connected user. No parsing, no
-# graph. It serves clients on every --clientListenerPort, all of one stream. It exits
-# once the source has closed and every queued byte is sent.
+# maze itself: its ceiling (unpaced) and its share of latency (paced). It regenerates the
+# workload of a maze run with the same settings, reads and discards the event stream,
+# and forwards each notification as soon as the source bytes that release it (see
+# ReleaseOffsets) have arrived: what an infinitely fast broker would do. No parsing, no
+# graph; the work per read is C-speed slicing plus a step per user that gets bytes. It
+# serves clients on every --clientListenerPort, all of one stream, and exits once the
+# source has closed and every queued byte is sent.
 # ======================================================================================
 
 REPLAY_IDLE_SECONDS = 60  # beyond --timeout, how long it waits for a source or client
@@ -1357,19 +1769,35 @@ class ReplayBroker:
         self.log = log or log_to_stderr
         generator = WorkloadGenerator(
             config.total_events, config.concurrency, config.users, config.seed,
-            config.max_batch, config.terminator, config.mix, config.max_follows)
-        self._chunk_ends: list[int] = []  # source offset at which each chunk is complete
-        self._chunk_expected: list[dict[int, bytes]] = []
-        source_bytes = 0
-        for chunk in generator.chunks(config.chunk_events):
-            source_bytes += len(chunk.source)
-            self._chunk_ends.append(source_bytes)
-            self._chunk_expected.append(chunk.expected)
+            config.max_batch, config.terminator, config.mix, config.max_follows,
+            track_release=True)
+        whole = join_chunks(generator.chunks(config.chunk_events))
+        self._stream_of: dict[int, bytes] = whole.expected  # user -> its whole stream
+        self._forwarded: dict[int, int] = dict.fromkeys(whole.expected, 0)  # bytes so far
+        # Every notification of the run, ordered by the source offset that releases it:
+        # its release offset, its user, and where it ends in that user's stream. A stable
+        # sort keeps each user's notifications in order.
+        self._releases_of = whole.release.notifications  # user -> release offsets
+        self._ends_of: dict[int, array] = {}  # user -> where each notification ends
+        releases, users, ends = array("q"), array("q"), array("q")
+        for user, data in whole.expected.items():
+            user_releases = self._releases_of[user]
+            user_ends = array("q", itertools.accumulate(
+                map(len, data.splitlines(keepends=True))))
+            assert len(user_ends) == len(user_releases)
+            self._ends_of[user] = user_ends
+            releases.extend(user_releases)
+            users.extend(itertools.repeat(user, len(user_releases)))
+            ends.extend(user_ends)
+        order = sorted(range(len(releases)), key=releases.__getitem__)
+        self._releases = array("q", map(releases.__getitem__, order))
+        self._users = array("q", map(users.__getitem__, order))
+        self._ends = array("q", map(ends.__getitem__, order))
+        self._released = 0  # notifications released so far (a position in the above)
         self._selector = selectors.DefaultSelector()
         self._clients: dict[socket.socket, ReplayClient] = {}
         self._connections_of: dict[int, list[ReplayClient]] = collections.defaultdict(list)
         self._source_bytes = 0
-        self._next_chunk = 0
         self._source_done = False
         self._buffer = bytearray(1 << 22)
         self._idle_deadline = 0.0
@@ -1426,6 +1854,7 @@ class ReplayBroker:
         except BlockingIOError:
             return
         connection.setblocking(False)
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client = ReplayClient(connection)
         self._clients[connection] = client
         self._selector.register(connection, selectors.EVENT_READ, (self._serve_client, client))
@@ -1441,20 +1870,59 @@ class ReplayBroker:
             self._source_done = True
             return
         self._source_bytes += size
-        while (self._next_chunk < len(self._chunk_ends)
-               and self._source_bytes >= self._chunk_ends[self._next_chunk]):
-            for user, data in self._chunk_expected[self._next_chunk].items():
-                for client in self._connections_of.get(user, ()):
-                    self._queue(client, memoryview(data))
-            self._chunk_expected[self._next_chunk] = {}
-            self._next_chunk += 1
+        self._forward_released()
         self._extend_idle_deadline()
 
+    def _forward_released(self) -> None:
+        first = self._released
+        stop = bisect.bisect_right(self._releases, self._source_bytes, first)
+        if stop == first:
+            return
+        self._released = stop
+        if stop - first > 4 * len(self._stream_of):
+            # A big read: a search per user costs less than a step per notification.
+            for user, user_releases in self._releases_of.items():
+                released = bisect.bisect_right(user_releases, self._source_bytes)
+                if released:
+                    self._forward(user, self._ends_of[user][released - 1])
+            return
+        # Each user's notifications end in increasing order, so the last one wins: where
+        # that user's stream is released up to.
+        released = zip(self._users[first:stop], self._ends[first:stop], strict=True)
+        for user, end in dict(released).items():
+            self._forward(user, end)
+
+    def _forward(self, user: int, end: int) -> None:
+        """Send ``user``'s stream up to ``end`` to its connections."""
+        start = self._forwarded[user]
+        if end <= start:
+            return
+        self._forwarded[user] = end
+        clients = self._connections_of.get(user)
+        if clients:  # nobody connected as this user: dropped, as a broker would
+            piece = memoryview(self._stream_of[user])[start:end]
+            for client in clients:
+                self._queue(client, piece)
+
     def _queue(self, client: ReplayClient, data: memoryview) -> None:
-        if not client.outbox:
+        if client.outbox:
+            client.outbox.append(data)
+            return
+        # Send at once: a round through select() per client would be the replay broker's
+        # own latency, not maze's.
+        sent = self._send(client, data)
+        if sent < len(data):
+            client.outbox.append(data[sent:])
             self._selector.modify(client.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
                                   (self._serve_client, client))
-        client.outbox.append(data)
+
+    def _send(self, client: ReplayClient, data: memoryview) -> int:
+        try:
+            return client.sock.send(data[:SEND_SIZE])
+        except BlockingIOError:
+            return 0
+        except OSError:
+            return len(data)  # the client went away: nothing left to send it
 
     def _serve_client(self, client: ReplayClient, mask: int) -> None:
         if mask & selectors.EVENT_READ and not self._read_client(client):
@@ -1486,13 +1954,7 @@ class ReplayBroker:
 
     def _write_client(self, client: ReplayClient) -> None:
         view = client.outbox[0]
-        try:
-            sent = client.sock.send(view[:SEND_SIZE])
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            client.outbox.clear()  # the client went away: nothing left to send
-            sent = 0
+        sent = self._send(client, view)
         if sent == len(view):
             client.outbox.popleft()
         elif sent:
@@ -1507,7 +1969,51 @@ class ReplayBroker:
 #
 # Rules: built once, at the end, from keyword arguments; immutable afterwards. The text
 # lines and the JSON keys are an interface (benchmarks read them): add, never rename.
+# Times are seconds in the JSON, milliseconds in the text.
 # ======================================================================================
+
+
+@dataclass(frozen=True)
+class LatencySummary:
+    """End-to-end latency over every verified notification, in seconds."""
+
+    count: int
+    min: float
+    mean: float
+    p50: float
+    p90: float
+    p99: float
+    p999: float
+    max: float
+
+    def line(self, paced: bool) -> str:
+        values = ", ".join(f"{name} {seconds * 1000:.3f} ms" for name, seconds in (
+            ("p50", self.p50), ("p90", self.p90), ("p99", self.p99), ("p99.9", self.p999),
+            ("max", self.max)))
+        note = "" if paced else "; unpaced, so mostly time spent queued"
+        return f"latency: {values} ({self.count:,} notifications{note})"
+
+
+@dataclass(frozen=True)
+class SenderSummary:
+    """How the source kept to its schedule (lags and achieved rate only when paced)."""
+
+    rate: float | None  # events/s asked for with --rate; None: as fast as possible
+    events_per_write: int | None
+    writes: int
+    achieved_events_per_second: float | None
+    max_lag_seconds: float | None  # how far a write fell behind its due time, at most
+    final_lag_seconds: float | None  # the same for the last write
+
+    def line(self) -> str:
+        if self.rate is None:
+            return f"sender: unpaced, {self.writes:,} writes"
+        achieved = ("n/a" if self.achieved_events_per_second is None
+                    else f"{self.achieved_events_per_second:,.0f}")
+        return (f"sender: paced at {self.rate:,.0f} events/s, {self.events_per_write} "
+                f"events per write, {self.writes:,} writes; achieved {achieved} events/s; "
+                f"behind schedule by at most {self.max_lag_seconds * 1000:.3f} ms, "
+                f"{self.final_lag_seconds * 1000:.3f} ms at the end")
 
 
 @dataclass(frozen=True)
@@ -1524,19 +2030,23 @@ class RunReport:
     mode: str
     failures: tuple[str, ...] = ()
     clients_per_port: dict[int, int] = field(default_factory=dict)
+    latency: LatencySummary | None = None  # None: no notification was verified
+    sender: SenderSummary | None = None  # None: nothing was sent (a dry run)
 
     @classmethod
     def measured(cls, *, events: int, notifications: int, source_bytes: int,
                  notification_bytes: int, seconds: float, cpu_seconds: float, mode: str,
-                 failures: Sequence[str],
-                 clients_per_port: Mapping[int, int] | None = None) -> RunReport:
+                 failures: Sequence[str], clients_per_port: Mapping[int, int] | None = None,
+                 latency: LatencySummary | None = None,
+                 sender: SenderSummary | None = None) -> RunReport:
         return cls(result="failure" if failures else "success", events=events,
                    notifications=notifications, source_bytes=source_bytes,
                    notification_bytes=notification_bytes, seconds=seconds,
                    events_per_second=events / seconds if seconds > 0 else 0.0,
                    notifications_per_second=notifications / seconds if seconds > 0 else 0.0,
                    cpu_seconds=cpu_seconds, mode=mode, failures=tuple(failures),
-                   clients_per_port=dict(clients_per_port or {}))
+                   clients_per_port=dict(clients_per_port or {}), latency=latency,
+                   sender=sender)
 
     @classmethod
     def failed_early(cls, failure: str, cpu_seconds: float) -> RunReport:
@@ -1558,6 +2068,9 @@ class RunReport:
             f"seconds: {self.seconds:.3f}",
             f"events/s: {self.events_per_second:,.0f}",
             f"notifications/s: {self.notifications_per_second:,.0f}",
+            *([self.latency.line(paced=self.sender is not None
+                                 and self.sender.rate is not None)] if self.latency else []),
+            *([self.sender.line()] if self.sender else []),
             f"tool cpu seconds: {self.cpu_seconds:.3f}",
         ]
 
