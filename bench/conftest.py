@@ -9,20 +9,11 @@ they still work and still produce correct output.
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-MAZE_PATH = REPO_ROOT / "tools" / "maze.py"
-
-# `pytest bench/` puts bench/ on sys.path, not the repository root; the benchmark
-# modules import mbroker directly.
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from tests.harness import load_maze
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -36,22 +27,10 @@ def pytest_configure(config):
         config.option.benchmark_enable = True
 
 
-def _load_maze():
-    # tools/ is not a package. The module must be in sys.modules before it runs,
-    # because its dataclasses look their module up there.
-    if "maze" in sys.modules:
-        return sys.modules["maze"]
-    spec = importlib.util.spec_from_file_location("maze", MAZE_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["maze"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="session")
 def maze():
     """tools/maze.py as a module: the workload generator and its oracle."""
-    return _load_maze()
+    return load_maze()
 
 
 @pytest.fixture
@@ -66,8 +45,6 @@ def record_rates(benchmark):
 
     The rates go into the benchmark's extra_info (saved with --benchmark-autosave); the
     per-round rates are kept too, so a noisy round is visible in the saved JSON.
-    (A fixture rather than a function: both tests/ and bench/ have a conftest module,
-    so importing from "conftest" would be ambiguous.)
     """
 
     def record(events: int, notifications: int, seconds: list[float]) -> None:

@@ -9,13 +9,13 @@ import re
 import threading
 import time
 
-from conftest import wait_until
-from fault_helpers import (
+from tests.harness import (
     Reader,
     give_accepted_sockets_small_send_buffers,
     send_until_blocked,
     small_sender,
     tiny_receiver,
+    wait_until,
 )
 
 USER = 7

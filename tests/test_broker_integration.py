@@ -9,85 +9,36 @@ up to and including the barrier must equal the expected bytes exactly."""
 from __future__ import annotations
 
 import logging
-import os
 import random
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
 from dataclasses import fields
 
 import pytest
-from conftest import (
-    LISTENING,
-    ROOT,
-    WAIT,
-    assert_nothing_more,
-    connect_client,
-    connect_source,
-    receive_exactly,
-    wait_until,
-)
 
 import mbroker
 from mbroker import CloseReason
-
-# -- helpers -------------------------------------------------------------------
-
-
-def wait_registered(broker, count: int) -> None:
-    """Until `count` clients have announced their id."""
-    wait_until(lambda: broker.stats().clients == count)
-
-
-def wait_dispatched(broker, count: int) -> None:
-    wait_until(lambda: broker.stats().events_dispatched >= count)
-
-
-def expect(sock: socket.socket, expected: bytes) -> None:
-    assert receive_exactly(sock, len(expected)) == expected
-
-
-def reset_close(sock: socket.socket) -> None:
-    """Close with an RST instead of a FIN."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
-
-
-def local_peer(sock: socket.socket) -> str:
-    """The peer name the broker gives this socket."""
-    host, port = sock.getsockname()[:2]
-    return f"{host}:{port}"
-
-
-def read_to_end(sock: socket.socket, timeout: float = WAIT) -> tuple[bytes, str]:
-    """Read until EOF or reset; returns (bytes, "eof" | "reset" | "timeout")."""
-    sock.settimeout(timeout)
-    data = b""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            return data, "timeout"
-        except ConnectionResetError:
-            return data, "reset"
-        if not chunk:
-            return data, "eof"
-        data += chunk
-    return data, "timeout"
-
-
-def closes_of(broker, reason: CloseReason) -> list[dict]:
-    return [c for c in broker.stats().recently_closed if c.reason is reason]
-
-
-def wait_closed(broker, reason: CloseReason, count: int = 1) -> list[dict]:
-    wait_until(lambda: len(closes_of(broker, reason)) >= count)
-    return closes_of(broker, reason)
-
+from tests.harness import (
+    ROOT,
+    WAIT,
+    BrokerProcess,
+    assert_nothing_more,
+    connect_client,
+    connect_source,
+    expect,
+    local_peer,
+    read_until_closed,
+    receive_exactly,
+    reset,
+    tiny_receiver,
+    wait_closed,
+    wait_dispatched,
+    wait_registered,
+    wait_until,
+)
 
 # -- SPEC §2: the protocol end to end -------------------------------------------
 
@@ -218,7 +169,7 @@ def test_client_leaving_with_a_reset_leaves_other_clients_receiving(broker):
     expect(leaving, b"1|B\r\n")
     expect(staying, b"1|B\r\n")
     peer = local_peer(leaving)
-    reset_close(leaving)
+    reset(leaving)
     source.sendall(b"2|P|2|1\r\n3|B\r\n")  # one for the leaver, one for all
     expect(staying, b"3|B\r\n")
     (closed,) = wait_closed(broker, CloseReason.CLIENT_ERROR)
@@ -357,8 +308,8 @@ def test_newer_source_connection_takes_over_and_the_older_one_is_closed(broker):
     expect(client, b"1|B\r\n")
     older_peer = local_peer(older)
     newer = connect_source(broker.event_port)
-    data, ending = read_to_end(older)
-    assert (data, ending) in ((b"", "eof"), (b"", "reset"))
+    ending = read_until_closed(older)
+    assert (ending.data, ending.how) in ((b"", "eof"), (b"", "reset"))
     (closed,) = wait_closed(broker, CloseReason.SOURCE_REPLACED)
     assert (closed.kind, closed.peer) == ("source", older_peer)
     newer.sendall(b"|1\r\n2|B\r\n3|P|9|1\r\n")
@@ -475,15 +426,6 @@ def flood_one_client(broker, user: int, megabytes: int = 4) -> None:
     source.close()
 
 
-def tiny_receiver(port: int, user: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.settimeout(WAIT)
-    sock.connect(("127.0.0.1", port))
-    sock.sendall(f"{user}\n".encode())
-    return sock
-
-
 KEEP_OPEN: list[socket.socket] = []  # sockets a scenario must not let the GC close
 
 
@@ -506,7 +448,7 @@ def scenario_client_error(start_broker):
     broker = start_broker()
     sock = hello_then(broker, 12)
     peer = local_peer(sock)
-    reset_close(sock)
+    reset(sock)
     return broker, ("client", peer, 12)
 
 
@@ -514,8 +456,8 @@ def scenario_hello_timeout(start_broker):
     broker = start_broker(hello_timeout=0.3)
     sock = socket.create_connection(("127.0.0.1", broker.client_port), timeout=WAIT)
     sock.sendall(b"1")  # never finished
-    data, ending = read_to_end(sock)
-    assert (data, ending) == (b"", "eof")
+    ending = read_until_closed(sock)
+    assert (ending.data, ending.how) == (b"", "eof")
     return broker, ("client", local_peer(sock), None)
 
 
@@ -523,7 +465,7 @@ def scenario_invalid_id(start_broker):
     broker = start_broker()
     sock = socket.create_connection(("127.0.0.1", broker.client_port), timeout=WAIT)
     sock.sendall(b"not-a-number\r\n")
-    assert read_to_end(sock)[1] in ("eof", "reset")
+    assert read_until_closed(sock).closed
     return broker, ("client", local_peer(sock), None)
 
 
@@ -559,7 +501,7 @@ def scenario_source_error(start_broker):
     source = connect_source(broker.event_port)
     wait_until(lambda: broker.stats().source.connected)
     peer = local_peer(source)
-    reset_close(source)
+    reset(source)
     return broker, ("source", peer, None)
 
 
@@ -577,7 +519,7 @@ def scenario_shutdown(start_broker):
     broker = start_broker()
     sock = hello_then(broker, 15)
     broker.stop()
-    assert read_to_end(sock)[1] in ("eof", "reset")
+    assert read_until_closed(sock).closed
     return broker, ("client", local_peer(sock), 15)
 
 
@@ -616,7 +558,7 @@ def test_close_log_lines_name_the_peer_the_user_and_the_reason(broker, caplog):
     caplog.set_level(logging.INFO, logger="mbroker")
     sock = hello_then(broker, 21)
     peer = local_peer(sock)
-    reset_close(sock)
+    reset(sock)
     wait_closed(broker, CloseReason.CLIENT_ERROR)
     source = connect_source(broker.event_port)
     wait_until(lambda: broker.stats().source.connected)
@@ -667,9 +609,8 @@ def test_signal_stops_the_broker_cleanly_with_exit_0(start_broker_process, signu
     source.sendall(b"1|B\r\n")
     expect(client, b"1|B\r\n")
     assert process.stop(signum) == 0
-    stderr = process.stderr_text()
-    assert "Traceback" not in stderr
-    assert read_to_end(client)[1] in ("eof", "reset")
+    assert "Traceback" not in process.log()
+    assert read_until_closed(client).closed
 
 
 @pytest.mark.parametrize("which", ["event", "client"])
@@ -699,71 +640,34 @@ def test_importing_mbroker_imports_nothing_outside_the_standard_library():
     assert result.stdout.strip() == "[]"
 
 
-def test_broker_serves_on_a_python_without_site_packages():
+def test_broker_serves_on_a_python_without_site_packages(start_broker_process):
     """`python -I -S`: no site-packages at all, as on a bare Python 3.11."""
-    process = subprocess.Popen(
-        [sys.executable, "-I", "-S", str(ROOT / "mbroker.py"), "--host", "127.0.0.1", "0", "0"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        ports = None
-        deadline = time.monotonic() + WAIT
-        stderr_seen = b""
-        while ports is None and time.monotonic() < deadline:
-            line = process.stderr.readline()
-            if not line:
-                break
-            stderr_seen += line
-            match = LISTENING.search(line)
-            if match:
-                ports = tuple(map(int, match.groups()))
-        assert ports, stderr_seen.decode(errors="replace")
-        event_port, client_port = ports
-        client = connect_client(client_port, 3)
-        time.sleep(0.1)
-        source = connect_source(event_port)
-        source.sendall(b"1|P|1|3\r\n")
-        expect(client, b"1|P|1|3\r\n")
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(WAIT) == 0
-        rest = process.stderr.read()
-        assert b"Traceback" not in stderr_seen + rest
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(WAIT)
-        process.stderr.close()
+    process = start_broker_process(python_options=("-I", "-S"))
+    client = connect_client(process.client_port, 3)
+    time.sleep(0.1)
+    source = connect_source(process.event_port)
+    source.sendall(b"1|P|1|3\r\n")
+    expect(client, b"1|P|1|3\r\n")
+    assert process.stop(signal.SIGTERM, timeout=WAIT) == 0
+    assert "Traceback" not in process.log()
 
 
-def start_and_signal_as_soon_as_listening(signum: int) -> tuple[int, bytes]:
+def start_and_signal_as_soon_as_listening(signum: int) -> tuple[int, str]:
     """Start `python mbroker.py`, send `signum` the moment it logs that it
     listens (the line operators and tools wait for), return (exit code, stderr)."""
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "mbroker.py"), "--host", "127.0.0.1", "0", "0"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = BrokerProcess()
     try:
-        seen = b""
-        deadline = time.monotonic() + WAIT
-        while not LISTENING.search(seen) and time.monotonic() < deadline:
-            chunk = os.read(process.stderr.fileno(), 65536)
-            if not chunk:
-                break
-            seen += chunk
-        assert LISTENING.search(seen), seen.decode(errors="replace")
         process.send_signal(signum)
-        code = process.wait(WAIT)
-        return code, seen + process.stderr.read()
+        return process.wait_exit(WAIT), process.log()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(WAIT)
-        process.stderr.close()
+        process.close()
 
 
 def test_signal_right_after_the_listening_line_still_exits_0_without_traceback():
     outcomes = [start_and_signal_as_soon_as_listening(signum)
                 for signum in [signal.SIGINT, signal.SIGTERM] * 4]
-    failures = [(code, stderr.decode(errors="replace")[-400:]) for code, stderr in outcomes
-                if code != 0 or b"Traceback" in stderr]
+    failures = [(code, stderr[-400:]) for code, stderr in outcomes
+                if code != 0 or "Traceback" in stderr]
     assert not failures, f"{len(failures)} of {len(outcomes)} runs: {failures[0]}"
 
 
@@ -773,29 +677,14 @@ def test_by_default_both_ports_listen_on_loopback_only(broker):
     assert broker.broker.client_listener.sock.getsockname()[0] == "127.0.0.1"
 
 
-def test_log_level_warning_hides_info_lines_and_debug_shows_registrations():
-    def run(level: str, clients: int) -> str:
-        process = subprocess.Popen(
-            [sys.executable, str(ROOT / "mbroker.py"), "--log-level", level, "0", "0"],
-            cwd=ROOT, stderr=subprocess.PIPE)
-        try:
-            if level == "DEBUG":  # the listening line says where to connect
-                ports = LISTENING.search(process.stderr.readline())
-                for user in range(1, clients + 1):
-                    sock = socket.create_connection(("127.0.0.1", int(ports.group(2))),
-                                                    timeout=WAIT)
-                    sock.sendall(b"%d\n" % user)
-                    time.sleep(0.2)
-                    sock.close()
-            else:
-                time.sleep(0.5)
-        finally:
-            process.send_signal(signal.SIGINT)
-            _, stderr = process.communicate(timeout=WAIT)
-        assert process.returncode == 0
-        return stderr.decode()
-
-    quiet = run("WARNING", 0)
-    assert " INFO " not in quiet and "listening" not in quiet
-    chatty = run("DEBUG", 1)
-    assert " DEBUG " in chatty and "(user 1) registered" in chatty
+def test_log_level_warning_hides_info_lines_and_debug_shows_registrations(
+        start_broker_process):
+    # At WARNING the listening line is hidden too: wait for both ports to listen.
+    quiet = start_broker_process("--log-level", "WARNING", listening_line=False)
+    assert quiet.stop() == 0
+    assert " INFO " not in quiet.log() and "listening" not in quiet.log()
+    chatty = start_broker_process("--log-level", "DEBUG")
+    with connect_client(chatty.client_port, 1):
+        chatty.wait_for_log(r"\(user 1\) registered")
+    assert chatty.stop() == 0
+    assert " DEBUG " in chatty.log() and "(user 1) registered" in chatty.log()

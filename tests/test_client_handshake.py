@@ -5,18 +5,17 @@ once (invalid_id). Both are logged; other clients are never disturbed."""
 
 from __future__ import annotations
 
-import socket
 import time
 
-from conftest import (
-    WAIT,
+from tests.harness import (
     assert_nothing_more,
     connect_client,
     connect_source,
+    raw_client,
+    read_until_closed,
     receive_exactly,
     wait_until,
 )
-from fault_helpers import read_until_closed
 
 INVALID_HELLOS = {
     "letters": b"abc\n",
@@ -36,10 +35,6 @@ INVALID_HELLOS = {
 }
 
 
-def raw_client(port: int) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", port), timeout=WAIT)
-
-
 def test_client_that_sends_no_id_is_closed_after_the_hello_timeout(start_broker, caplog):
     caplog.set_level("WARNING", logger="mbroker")
     running = start_broker(hello_timeout=0.3)
@@ -53,9 +48,9 @@ def test_client_that_sends_no_id_is_closed_after_the_hello_timeout(start_broker,
     source.sendall(b"1|B\r\n")  # only announced clients are "connected"
     assert receive_exactly(registered, 5) == b"1|B\r\n"
     for sock in (silent, partial):
-        closed, received = read_until_closed(sock, timeout=3.0)
-        assert closed, "a client without an id was never closed"
-        assert received == b"", "an unannounced client received a notification"
+        ending = read_until_closed(sock, timeout=3.0)
+        assert ending.closed, "a client without an id was never closed"
+        assert ending.data == b"", "an unannounced client received a notification"
     elapsed = time.monotonic() - started
     assert 0.25 <= elapsed < 2.0, elapsed
     stats = running.stats()
@@ -78,7 +73,7 @@ def test_invalid_ids_are_closed_at_once_and_others_keep_receiving(start_broker, 
         bad[name].sendall(hello)
     deadline = started + 2.0
     not_closed = [name for name, sock in bad.items()
-                  if not read_until_closed(sock, max(0.1, deadline - time.monotonic()))[0]]
+                  if not read_until_closed(sock, max(0.1, deadline - time.monotonic())).closed]
     assert not not_closed, f"invalid ids not closed at once: {not_closed}"
     assert time.monotonic() - started < 2.0
     stats = running.stats()

@@ -19,28 +19,37 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
 import mbroker
 from mbroker import (
     BrokerStats,
-    ClientStats,
     ClosedConnection,
     CloseReason,
     LiveDashboard,
     LiveLogHandler,
-    Rates,
-    SourceStats,
     make_dashboard,
     render_dashboard,
+)
+from tests.harness import (
+    LISTENING,
+    MIB,
+    ROOT,
+    busy_snapshot,
+    connect_client,
+    connect_source,
+    dashboard_console,
+    empty_snapshot,
+    fake_client,
+    listening_ports,
+    receive_exactly,
+    render_text,
+    wait_until,
 )
 
 pytest.importorskip("rich")
 
-ROOT = Path(__file__).resolve().parent.parent
-MIB = 1024 * 1024
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 WAIT = 10.0  # the longest any wait on a child process may take
 
@@ -48,46 +57,10 @@ WAIT = 10.0  # the longest any wait on a child process may take
 # -- snapshots ---------------------------------------------------------------
 
 
-def empty_snapshot(**config) -> BrokerStats:
-    """stats() of a broker that has seen nothing yet (never bound, never served)."""
-    broker = mbroker.Broker(mbroker.BrokerConfig(event_port=0, client_port=0, **config))
-    try:
-        return broker.stats()
-    finally:
-        broker.reactor.close()
-
-
-def client(user_id, queued_bytes=0, queued_notifications=0, sent=0, peer=None,
-           connected_seconds=60.0) -> ClientStats:
-    return ClientStats(user_id=user_id, peer=peer or f"127.0.0.1:{40000 + (user_id or 0) % 20000}",
-                       queued_notifications=queued_notifications, queued_bytes=queued_bytes,
-                       notifications_sent=sent, bytes_sent=sent * 20,
-                       connected_seconds=connected_seconds)
-
-
 def closed(user_id, reason=CloseReason.CLIENT_QUIT, detail="", at=None, port=None):
     return ClosedConnection(kind="client", peer=f"127.0.0.1:{port or 5000 + user_id}",
                             user_id=user_id, reason=reason, detail=detail,
                             at=time.time() if at is None else at)
-
-
-def busy_snapshot(client_count=1000) -> BrokerStats:
-    """A broker under load: a connected source, many clients, deepest first."""
-    return replace(
-        empty_snapshot(), uptime=3723.0, next_seq=1_234_568, highest_seq=1_240_000,
-        reorder_depth=5_432, reorder_depth_max=9_999, events_in=1_240_000,
-        events_dispatched=1_234_567, notifications=4_567_890, bytes_out=98_765_432,
-        clients=client_count - min(client_count, 3), connections=client_count,
-        awaiting_hello=min(client_count, 3), known_users=10_000, follows=123_456,
-        bytes_queued=3 * MIB,
-        source=SourceStats(connected=True, peer="127.0.0.1:51234", paused=False,
-                           connections=1, bytes_read=123_456_789),
-        rates=Rates(events_in=120_000.0, events_out=119_800.0, notifications=450_000.0,
-                    bytes_out=33_000_000.0),
-        top_clients=tuple(
-            client(user_id=1000 + index, queued_bytes=(client_count - index) * 1000,
-                   queued_notifications=(client_count - index) * 10, sent=50_000 + index)
-            for index in range(client_count)))
 
 
 def with_problems(snapshot: BrokerStats) -> BrokerStats:
@@ -97,20 +70,6 @@ def with_problems(snapshot: BrokerStats) -> BrokerStats:
                                     slow_consumers=2),
                    closes={**snapshot.closes, "client_quit": 10, "slow_consumer_buffer": 2,
                            "invalid_id": 1})
-
-
-def render(snapshot: BrokerStats, width: int = 80, height: int = 24, color: bool = False) -> str:
-    """What the terminal shows: plain text, or with ANSI colour codes."""
-    console = mbroker_console(width, height, color)
-    console.print(render_dashboard(snapshot, width=width, height=height))
-    return console.file.getvalue()
-
-
-def mbroker_console(width: int, height: int, color: bool):
-    from rich.console import Console
-
-    return Console(file=io.StringIO(), width=width, height=height, force_terminal=color,
-                   color_system="standard" if color else None, legacy_windows=False)
 
 
 def assert_fits(text: str, width: int, height: int) -> None:
@@ -124,7 +83,7 @@ def style_of(snapshot: BrokerStats, text: str, width: int = 80, height: int = 24
     """The rich Style the first piece of screen text containing `text` is drawn in."""
     from rich.style import Style
 
-    console = mbroker_console(width, height, color=True)
+    console = dashboard_console(width, height, color=True)
     for segment in console.render(render_dashboard(snapshot, width=width, height=height)):
         if text in segment.text:
             return segment.style or Style()
@@ -140,7 +99,7 @@ def colour_of(snapshot: BrokerStats, text: str) -> str | None:
 
 
 def test_empty_broker_shows_every_heading_and_counter():
-    text = render(empty_snapshot())
+    text = render_text(empty_snapshot())
     assert_fits(text, 80, 24)
     assert "mbroker  up 0s" in text
     assert "source    not connected" in text
@@ -159,7 +118,7 @@ def test_empty_broker_shows_every_heading_and_counter():
 
 
 def test_busy_broker_shows_rates_sequence_and_totals():
-    text = render(busy_snapshot())
+    text = render_text(busy_snapshot())
     assert_fits(text, 80, 24)
     assert "connected 127.0.0.1:51234  reading  117.7 MiB read" in text
     assert "next 1,234,568  highest seen 1,240,000" in text
@@ -174,7 +133,7 @@ def test_busy_broker_shows_rates_sequence_and_totals():
 def test_client_table_lists_deepest_first_and_as_many_rows_as_fit():
     snapshot = busy_snapshot(client_count=1000)
     for height in (24, 40):
-        text = render(snapshot, height=height)
+        text = render_text(snapshot, height=height)
         assert_fits(text, 80, height)
         rows = [line for line in text.splitlines() if re.match(r"^1\d{3} ", line)]
         users = [int(row.split()[0]) for row in rows]
@@ -186,7 +145,7 @@ def test_client_table_lists_deepest_first_and_as_many_rows_as_fit():
             assert column in header
         # The rows fill the terminal: at most a couple of lines are left over.
         assert len(text.splitlines()) >= height - 2
-    deepest = next(line for line in render(snapshot).splitlines() if line.startswith("1000 "))
+    deepest = next(line for line in render_text(snapshot).splitlines() if line.startswith("1000 "))
     assert re.split(r"\s{2,}", deepest.strip()) == [
         "1000", "127.0.0.1:41000", "10,000", "976.6 KiB", "50,000", "1m 00s"]
 
@@ -194,7 +153,7 @@ def test_client_table_lists_deepest_first_and_as_many_rows_as_fit():
 def test_paused_source_is_shown_in_red():
     snapshot = busy_snapshot()
     snapshot = replace(snapshot, source=replace(snapshot.source, paused=True))
-    text = render(snapshot)
+    text = render_text(snapshot)
     assert "PAUSED by backpressure" in text
     assert "reading" not in text
     assert colour_of(snapshot, "PAUSED") == "red"
@@ -209,11 +168,11 @@ def test_slow_consumer_about_to_be_cut_off_is_red_with_its_share_of_the_limit():
     limit = snapshot.limits.max_client_buffer
     assert limit == 16 * MIB
     snapshot = replace(snapshot, top_clients=(
-        client(7, queued_bytes=int(limit * 0.97), queued_notifications=800_000),
-        client(8, queued_bytes=int(limit * 0.6), queued_notifications=500_000),
-        client(9, queued_bytes=MIB, queued_notifications=100),
+        fake_client(7, queued_bytes=int(limit * 0.97), queued_notifications=800_000),
+        fake_client(8, queued_bytes=int(limit * 0.6), queued_notifications=500_000),
+        fake_client(9, queued_bytes=MIB, queued_notifications=100),
     ))
-    text = render(snapshot)
+    text = render_text(snapshot)
     assert_fits(text, 80, 24)
     assert "15.5 MiB 97%" in text
     assert "9.6 MiB 60%" in text
@@ -237,7 +196,7 @@ def test_reorder_buffer_and_total_queue_turn_yellow_past_half_their_limit():
 
 def test_counters_and_closes_use_the_names_of_the_logs_and_stats():
     snapshot = with_problems(busy_snapshot())
-    text = render(snapshot)
+    text = render_text(snapshot)
     assert_fits(text, 80, 24)
     for shown in ("malformed 5", "duplicate 17", "skipped 3", "slow_consumers 2",
                   "client_quit 10", "slow_consumer_buffer 2", "invalid_id 1"):
@@ -255,7 +214,7 @@ def test_recently_closed_newest_first_with_reason_and_detail():
         closed(42, CloseReason.SLOW_CONSUMER_BUFFER, "16777300 bytes queued, limit 16777216",
                port=5555, at=now),
     ))
-    text = render(snapshot, width=100)
+    text = render_text(snapshot, width=100)
     lines = text.splitlines()
     start = lines.index("recently closed")
     assert "client 42  127.0.0.1:5555  slow_consumer_buffer  16777300 bytes queued" \
@@ -266,16 +225,17 @@ def test_recently_closed_newest_first_with_reason_and_detail():
 
 def test_stopping_broker_says_so():
     snapshot = replace(busy_snapshot(), stopping=True)
-    assert "STOPPING: draining queued notifications" in render(snapshot)
+    assert "STOPPING: draining queued notifications" in render_text(snapshot)
 
 
 def test_huge_numbers_and_ipv6_peers_still_fit_80_columns():
     snapshot = busy_snapshot(client_count=5)
     snapshot = replace(snapshot, next_seq=10**200, highest_seq=10**200 + 5, reorder_depth=10**12,
-                       top_clients=(client(10**50, queued_bytes=5 * MIB, sent=10**15,
-                                           peer="[2001:db8:85a3::8a2e:370:7334]:65535"),
-                                    client(None, peer="[::1]:1"), *snapshot.top_clients[2:]))
-    text = render(snapshot)
+                       top_clients=(fake_client(10**50, queued_bytes=5 * MIB, sent=10**15,
+                                                peer="[2001:db8:85a3::8a2e:370:7334]:65535"),
+                                    fake_client(None, peer="[::1]:1"),
+                                    *snapshot.top_clients[2:]))
+    text = render_text(snapshot)
     assert_fits(text, 80, 24)
     assert "…" in text
     assert "(no id)" in text
@@ -286,7 +246,7 @@ def test_huge_numbers_and_ipv6_peers_still_fit_80_columns():
 def test_any_terminal_size_is_respected(width, height):
     snapshot = replace(with_problems(busy_snapshot(client_count=200)),
                        recently_closed=tuple(closed(index) for index in range(10)))
-    assert_fits(render(snapshot, width=width, height=height), width, height)
+    assert_fits(render_text(snapshot, width=width, height=height), width, height)
 
 
 # -- the live observer and log routing ------------------------------------------
@@ -476,9 +436,9 @@ def pseudo_terminal():
 
 def test_live_dashboard_draws_logs_above_and_exits_cleanly_on_sigint(pseudo_terminal):
     terminal = pseudo_terminal(columns=80, rows=24)
-    listening = terminal.read_until(rb"events=127\.0\.0\.1:(\d+) clients=127\.0\.0\.1:(\d+)")
+    listening = terminal.read_until(LISTENING.pattern.encode())
     assert listening, terminal.text()
-    client_port = int(listening.group(2))
+    _, client_port = listening_ports(listening.group())
     assert terminal.read_until(rb"deepest client queues"), terminal.text()
     assert b"\x1b[" in terminal.output  # drawn with cursor movement, not printed lines
 
@@ -510,17 +470,15 @@ def test_live_dashboard_draws_logs_above_and_exits_cleanly_on_sigint(pseudo_term
 def test_queues_come_before_the_recently_closed_list():
     recent = tuple(closed(index) for index in range(10))
     crowded = replace(busy_snapshot(client_count=500), recently_closed=recent)
-    text = render(crowded, height=24)
+    text = render_text(crowded, height=24)
     assert_fits(text, 80, 24)
     assert sum("client_quit" in line for line in text.splitlines()) == 2  # only the newest
     quiet = replace(busy_snapshot(client_count=2), recently_closed=recent)
-    text = render(quiet, height=40)
+    text = render_text(quiet, height=40)
     assert sum("client_quit" in line for line in text.splitlines()) == 5  # room for more
 
 
 def test_a_failing_status_display_is_removed_and_the_broker_keeps_serving(start_broker):
-    from conftest import connect_client, connect_source, receive_exactly, wait_until
-
     running = start_broker()
     broker = running.broker
 
@@ -555,9 +513,9 @@ def test_a_terminal_that_stops_reading_never_stalls_delivery():
         env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "200", "LINES": "100"})
     try:
         line = process.stderr.readline().decode()
-        ports = re.search(r"events=[^\s:]+:(\d+) clients=[^\s:]+:(\d+)", line)
+        ports = listening_ports(line)
         assert ports, line
-        event_port, client_port = map(int, ports.groups())
+        event_port, client_port = ports
         client = socket.create_connection(("127.0.0.1", client_port), timeout=WAIT)
         client.sendall(b"5\n")
         source = socket.create_connection(("127.0.0.1", event_port), timeout=WAIT)

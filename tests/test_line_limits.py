@@ -6,22 +6,14 @@ from __future__ import annotations
 
 import time
 
-from conftest import (
+from tests.harness import (
     assert_nothing_more,
     connect_client,
     connect_source,
     receive_exactly,
+    rss_kib,
     wait_until,
 )
-from fault_helpers import wait_for_log
-
-
-def peak_rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmHWM")
 
 
 def test_overlong_line_is_discarded_and_its_seq_is_not_consumed(start_broker, caplog):
@@ -116,7 +108,7 @@ def test_ten_megabyte_line_is_never_buffered_whole_and_later_events_flow(
     source = connect_source(process.event_port)
     source.sendall(b"1|P|7|5\r\n")  # also proves user 5 is registered
     assert receive_exactly(user5, 9) == b"1|P|7|5\r\n"
-    before = peak_rss_kib(process.process.pid)
+    before = rss_kib(process.pid, peak=True)
     size = 10 * 1024 * 1024
     piece = b"3" * (64 * 1024)
     source.sendall(b"2|P|7|")
@@ -126,8 +118,8 @@ def test_ten_megabyte_line_is_never_buffered_whole_and_later_events_flow(
     expected = b"2|P|8|5\r\n3|B\r\n"
     assert receive_exactly(user5, len(expected)) == expected
     assert_nothing_more(user5)
-    growth_kib = peak_rss_kib(process.process.pid) - before
+    growth_kib = rss_kib(process.pid, peak=True) - before
     # Holding the line whole would cost at least 10 MiB; reads are 256 KiB.
     assert growth_kib < 4 * 1024, f"peak RSS grew by {growth_kib} KiB for a 10 MiB line"
-    wait_for_log(process, r"longer than --max-line=4096")
+    process.wait_for_log(r"longer than --max-line=4096")
     assert process.stop() == 0

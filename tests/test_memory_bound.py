@@ -8,8 +8,13 @@ from __future__ import annotations
 import re
 import time
 
-from conftest import assert_nothing_more, connect_client, connect_source, receive_exactly
-from fault_helpers import rss_kib, wait_for_log
+from tests.harness import (
+    assert_nothing_more,
+    connect_client,
+    connect_source,
+    receive_exactly,
+    rss_kib,
+)
 
 EVENTS = 300_000  # SEQ 2..EVENTS+1; SEQ 1 is withheld
 MAX_PENDING = 1000
@@ -25,7 +30,7 @@ def event(seq: int) -> bytes:
 def test_withheld_first_seq_under_a_stream_of_300k_events_keeps_memory_bounded(
         start_broker_process):
     process = start_broker_process("--max-pending", str(MAX_PENDING))
-    pid = process.process.pid
+    pid = process.pid
     user5 = connect_client(process.client_port, 5)
     source = connect_source(process.event_port)
     time.sleep(0.3)  # the hello is read long before the first notification for 5
@@ -47,7 +52,7 @@ def test_withheld_first_seq_under_a_stream_of_300k_events_keeps_memory_bounded(
     # plus per-event objects); the bound allows a few MiB of allocator slack.
     assert growth_kib * 1024 < stream_bytes / 2, (
         f"RSS grew by {growth_kib} KiB for a {stream_bytes // 1024} KiB stream")
-    skip = wait_for_log(process, r"declared lost")
+    skip = process.wait_for_log(r"declared lost")
     assert re.search(r"\b1\.\.1\b", skip), skip
     # the withheld number finally arrives: it is late, and dropped
     source.sendall(b"1|P|1|5\r\n")
@@ -81,7 +86,7 @@ def test_steady_reorder_window_below_max_pending_keeps_memory_bounded(start_brok
     # stream runs.
     events, delay = 400_000, 1200
     process = start_broker_process("--max-pending", "1000")
-    pid = process.process.pid
+    pid = process.pid
     user5 = connect_client(process.client_port, 5)
     source = connect_source(process.event_port)
     time.sleep(0.3)
@@ -103,7 +108,7 @@ def test_steady_reorder_window_below_max_pending_keeps_memory_bounded(start_brok
     # the stream then completes normally
     source.sendall(b"".join(b"%d|U|1|2\r\n" % seq for seq in held_back[1:]))
     wait_for_seq(process, source, user5, events + 1)
-    assert "declared lost" not in process.stderr_text()
+    assert "declared lost" not in process.log()
     assert process.stop() == 0
 
 
@@ -112,7 +117,7 @@ def test_refused_follows_to_ever_new_users_keep_memory_bounded(start_broker_proc
     # not leave anything behind, whichever users they name.
     events = 300_000
     process = start_broker_process("--max-follows", "1000")
-    pid = process.process.pid
+    pid = process.pid
     user5 = connect_client(process.client_port, 5)
     source = connect_source(process.event_port)
     time.sleep(0.3)

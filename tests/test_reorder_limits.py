@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 import time
 
-from conftest import (
+from tests.harness import (
     assert_nothing_more,
     connect_client,
     connect_source,

@@ -18,24 +18,21 @@ import threading
 import time
 
 import pytest
-from conftest import (
+
+import mbroker
+from tests.harness import (
     WAIT,
     assert_nothing_more,
     connect_client,
     connect_source,
-    receive_exactly,
-    wait_until,
-)
-from fault_helpers import (
     cpu_seconds,
     open_fds,
     read_until_closed,
+    receive_exactly,
     reset,
     tiny_receiver,
-    wait_for_log,
+    wait_until,
 )
-
-import mbroker
 
 DIGITS = frozenset(b"0123456789")
 
@@ -50,7 +47,7 @@ def garbage(seed: int, size: int) -> bytes:
 
 def assert_serving(running, source=None, seq: int = 1) -> None:
     """The broker is alive and delivers: a new client gets a new broadcast."""
-    assert running.thread.is_alive(), "the broker thread died"
+    assert running.broker.running, "the broker's loop stopped"
     probe = connect_client(running.client_port, 999_999, wait_registered=running)
     if source is None:
         source = connect_source(running.event_port)
@@ -96,7 +93,7 @@ def test_garbage_on_the_client_port_never_crashes_the_broker(start_broker):
             sock.sendall(b"\n")
         except OSError:
             pass
-        assert read_until_closed(sock, timeout=3.0)[0]
+        assert read_until_closed(sock, timeout=3.0).closed
     source = connect_source(running.event_port)
     source.sendall(b"1|P|1|5\r\n")
     assert receive_exactly(chatty, 9) == b"1|P|1|5\r\n"
@@ -156,7 +153,7 @@ def test_replaced_source_with_unread_bytes_does_not_take_the_new_source_down(sta
     assert stats.source.connected, "the new event source was closed"
     assert stats.closes["source_replaced"] == 1
     assert stats.closes["source_error"] == 0, stats.recently_closed
-    assert read_until_closed(old, timeout=2.0)[0]
+    assert read_until_closed(old, timeout=2.0).closed
 
 
 def test_clients_reset_mid_hello_or_with_bytes_queued_are_closed_alone(start_broker):
@@ -200,7 +197,7 @@ def test_half_closed_source_has_its_terminated_lines_delivered(start_broker):
     expected = b"1|B\r\n2|P|1|5\r\n"
     assert receive_exactly(user5, len(expected)) == expected
     wait_until(lambda: running.stats().closes["source_quit"] == 1)
-    assert read_until_closed(source, timeout=2.0)[0]
+    assert read_until_closed(source, timeout=2.0).closed
     stats = running.stats()
     assert stats.next_seq == 3
     assert_serving(running, seq=3)
@@ -211,7 +208,7 @@ def test_half_closed_client_is_closed_alone(start_broker):
     other = connect_client(running.client_port, 6, wait_registered=running)
     half = connect_client(running.client_port, 5, wait_registered=running)
     half.shutdown(socket.SHUT_WR)  # EOF from a client closes that connection only
-    assert read_until_closed(half, timeout=2.0)[0]
+    assert read_until_closed(half, timeout=2.0).closed
     assert running.stats().closes["client_quit"] == 1
     source = connect_source(running.event_port)
     source.sendall(b"1|B\r\n")
@@ -274,7 +271,7 @@ def churn(client_port: int, event_port: int, cycles: int) -> None:
 
 def test_connect_disconnect_churn_returns_open_fds_to_where_they_started(start_broker_process):
     process = start_broker_process("--hello-timeout", "5")
-    pid = process.process.pid
+    pid = process.pid
     source = connect_source(process.event_port)
     keeper = connect_client(process.client_port, 5)
     wait_registered_in_process(source, keeper)
@@ -286,7 +283,7 @@ def test_connect_disconnect_churn_returns_open_fds_to_where_they_started(start_b
     source.sendall(b"101|P|1|5\r\n")
     assert receive_exactly(keeper, 11) == b"101|P|1|5\r\n"
     assert process.process.poll() is None
-    assert "Traceback" not in process.stderr_text()
+    assert "Traceback" not in process.log()
     assert process.stop() == 0
 
 
@@ -302,7 +299,7 @@ def test_connect_disconnect_churn_leaves_no_connections_behind(start_broker):
 def test_running_out_of_file_descriptors_pauses_accepting_without_spinning(
         start_broker_process):
     process = start_broker_process("--hello-timeout", "30")
-    pid = process.process.pid
+    pid = process.pid
     source = connect_source(process.event_port)
     keeper = connect_client(process.client_port, 5)
     wait_registered_in_process(source, keeper)
@@ -313,7 +310,7 @@ def test_running_out_of_file_descriptors_pauses_accepting_without_spinning(
         for _ in range(90):  # more than 64 descriptors can hold; the backlog keeps the rest
             extras.append(socket.create_connection(("127.0.0.1", process.client_port),
                                                    timeout=WAIT))
-        wait_for_log(process, r"cannot accept")
+        process.wait_for_log(r"cannot accept")
         assert open_fds(pid) <= 64
         # connected clients are still served
         source.sendall(b"101|P|1|5\r\n")
@@ -340,14 +337,14 @@ def test_running_out_of_file_descriptors_pauses_accepting_without_spinning(
         assert time.monotonic() < deadline, "the newcomer was never accepted"
     wait_until(lambda: open_fds(pid) <= baseline + 1, timeout=WAIT)
     assert process.process.poll() is None
-    assert "Traceback" not in process.stderr_text()
+    assert "Traceback" not in process.log()
     assert process.stop() == 0
 
 
 def test_event_source_is_accepted_even_when_clients_used_every_file_descriptor(
         start_broker_process):
     process = start_broker_process("--hello-timeout", "30")
-    pid = process.process.pid
+    pid = process.pid
     keeper = connect_client(process.client_port, 5)
     time.sleep(0.2)
     resource.prlimit(pid, resource.RLIMIT_NOFILE, (64, 64))
@@ -356,16 +353,16 @@ def test_event_source_is_accepted_even_when_clients_used_every_file_descriptor(
         for _ in range(90):  # exhaust the broker's descriptors with idle clients
             extras.append(socket.create_connection(("127.0.0.1", process.client_port),
                                                    timeout=WAIT))
-        wait_for_log(process, r"cannot accept")
+        process.wait_for_log(r"cannot accept")
         # The source still gets in at once, on the descriptor kept spare for it.
         source = connect_source(process.event_port)
         source.sendall(b"1|P|1|5\r\n")
         assert receive_exactly(keeper, 9) == b"1|P|1|5\r\n"
-        wait_for_log(process, r"spare one for the event source")  # stderr is read by a thread
+        process.wait_for_log(r"spare one for the event source")  # stderr is read by a thread
     finally:
         for sock in extras:
             sock.close()
-    assert "Traceback" not in process.stderr_text()
+    assert "Traceback" not in process.log()
     assert process.stop() == 0
 
 

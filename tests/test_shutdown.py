@@ -7,17 +7,19 @@ from __future__ import annotations
 
 import signal
 import socket
-import subprocess
 import time
 
 import pytest
-from conftest import connect_client, connect_source, receive_exactly, wait_until
-from fault_helpers import (
+
+from tests.harness import (
+    connect_client,
+    connect_source,
     give_accepted_sockets_small_send_buffers,
     read_until_closed,
+    receive_exactly,
     send_until_blocked,
     tiny_receiver,
-    wait_for_log,
+    wait_until,
 )
 
 PAD = b"3" * 3900
@@ -35,14 +37,6 @@ def refused(port: int) -> bool:
         return True
     sock.close()
     return False
-
-
-def exit_code(process, timeout: float = 5.0) -> int:
-    """Wait for a signalled broker to exit by itself (no further signal)."""
-    try:
-        return process.process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the broker did not exit within {timeout} s")
 
 
 def queue_for_a_client_that_does_not_read(process, late_user: int = 7):
@@ -69,28 +63,31 @@ def test_signal_delivers_queued_notifications_to_a_late_reader_refuses_new_conne
                                    "--max-client-buffer", str(64 * 1024 * 1024))
     late, marker, source, expected, marker_seq = queue_for_a_client_that_does_not_read(process)
     signalled = time.monotonic()
-    process.process.send_signal(signum)
-    wait_for_log(process, r"stopping")
-    # still draining (the late client has bytes queued), yet closed to newcomers
+    process.send_signal(signum)
+    process.wait_for_log(r"stopping")
+    # Logged first, then the listening ports close (docs/behaviour.md §4.18): soon
+    # both refuse newcomers, while the late client's bytes are still being drained.
+    wait_until(lambda: refused(process.client_port), timeout=2.0,
+               message="new clients still accepted after the signal")
+    wait_until(lambda: refused(process.event_port), timeout=2.0,
+               message="new event sources still accepted after the signal")
     assert process.process.poll() is None, "exited before delivering queued notifications"
-    assert refused(process.client_port), "a new client was accepted after the signal"
-    assert refused(process.event_port), "a new event source was accepted after the signal"
     # the event source is closed: events sent now are not read, and never delivered
-    closed, _ = read_until_closed(source, timeout=2.0)
-    assert closed, "the event source was not closed on the signal"
+    assert read_until_closed(source, timeout=2.0).closed, \
+        "the event source was not closed on the signal"
     try:
         source.sendall(b"%d|P|1|7\r\n" % (marker_seq + 1))
     except OSError:
         pass
     # the late client finally reads: it gets every dispatched byte, then EOF
-    closed, received = read_until_closed(late, timeout=10.0)
-    assert closed
-    assert len(received) == len(expected), (len(received), len(expected))
-    assert received == expected
-    assert exit_code(process) == 0
+    ending = read_until_closed(late, timeout=10.0)
+    assert ending.closed
+    assert len(ending.data) == len(expected), (len(ending.data), len(expected))
+    assert ending.data == expected
+    assert process.wait_exit(timeout=5.0) == 0
     assert time.monotonic() - signalled < 4.0 + 2.0
-    assert read_until_closed(marker, timeout=2.0)[0]
-    assert "Traceback" not in process.stderr_text()
+    assert read_until_closed(marker, timeout=2.0).closed
+    assert "Traceback" not in process.log()
 
 
 def test_drain_timeout_bounds_shutdown_when_a_client_never_reads(start_broker_process):
@@ -98,28 +95,28 @@ def test_drain_timeout_bounds_shutdown_when_a_client_never_reads(start_broker_pr
                                    "--max-client-buffer", str(64 * 1024 * 1024))
     late, _marker, _source, _expected, _seq = queue_for_a_client_that_does_not_read(process)
     signalled = time.monotonic()
-    process.process.send_signal(signal.SIGTERM)
-    code = exit_code(process)
+    process.send_signal(signal.SIGTERM)
+    code = process.wait_exit(timeout=5.0)
     elapsed = time.monotonic() - signalled
     assert code == 0
     assert 0.8 <= elapsed < 3.0, elapsed
-    wait_for_log(process, r"drain timeout")
-    assert "Traceback" not in process.stderr_text()
+    process.wait_for_log(r"drain timeout")
+    assert "Traceback" not in process.log()
 
 
 def test_second_signal_exits_at_once_while_draining(start_broker_process):
     process = start_broker_process("--drain-timeout", "30", "--write-timeout", "60",
                                    "--max-client-buffer", str(64 * 1024 * 1024))
     late, _marker, _source, _expected, _seq = queue_for_a_client_that_does_not_read(process)
-    process.process.send_signal(signal.SIGINT)
-    wait_for_log(process, r"stopping")
+    process.send_signal(signal.SIGINT)
+    process.wait_for_log(r"stopping")
     time.sleep(0.3)
     assert process.process.poll() is None, "should still be draining after one signal"
     second = time.monotonic()
-    process.process.send_signal(signal.SIGINT)
-    exit_code(process, timeout=2.0)
+    process.send_signal(signal.SIGINT)
+    process.wait_exit(timeout=2.0)
     assert time.monotonic() - second < 2.0
-    assert "Traceback" not in process.stderr_text()
+    assert "Traceback" not in process.log()
 
 
 def test_idle_broker_exits_0_promptly_on_sigterm_closing_its_clients(start_broker_process):
@@ -129,12 +126,12 @@ def test_idle_broker_exits_0_promptly_on_sigterm_closing_its_clients(start_broke
     source.sendall(b"1|B\r\n")
     assert receive_exactly(client, 5) == b"1|B\r\n"
     started = time.monotonic()
-    process.process.send_signal(signal.SIGTERM)
-    assert exit_code(process) == 0
+    process.send_signal(signal.SIGTERM)
+    assert process.wait_exit(timeout=5.0) == 0
     assert time.monotonic() - started < 1.5
-    assert read_until_closed(client, timeout=1.0)[0]
-    assert read_until_closed(source, timeout=1.0)[0]
-    assert "Traceback" not in process.stderr_text()
+    assert read_until_closed(client, timeout=1.0).closed
+    assert read_until_closed(source, timeout=1.0).closed
+    assert "Traceback" not in process.log()
 
 
 def test_source_blocked_by_backpressure_is_released_by_shutdown(start_broker_process):
@@ -147,9 +144,9 @@ def test_source_blocked_by_backpressure_is_released_by_shutdown(start_broker_pro
     assert receive_exactly(client, 9) == b"1|P|1|7\r\n"
     stream = b"".join(event(seq, 7) for seq in range(2, 3002))
     send_until_blocked(source, stream, stall=0.5, budget=8.0)
-    wait_for_log(process, r"pausing the event source")
-    process.process.send_signal(signal.SIGTERM)
-    assert exit_code(process) == 0
+    process.wait_for_log(r"pausing the event source")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait_exit(timeout=5.0) == 0
 
 
 def test_stop_delivers_only_what_was_dispatched_not_the_paused_backlog(start_broker,
@@ -166,7 +163,7 @@ def test_stop_delivers_only_what_was_dispatched_not_the_paused_backlog(start_bro
     dispatched = running.stats().events_dispatched
     assert dispatched < 256, "the test needs an undispatched backlog"
     running.broker.request_stop()
-    closed, received = read_until_closed(client, timeout=10)
-    assert closed
-    assert received.count(b"\n") == dispatched
+    ending = read_until_closed(client, timeout=10)
+    assert ending.closed
+    assert ending.data.count(b"\n") == dispatched
     assert running.broker.exchange.dispatched == dispatched

@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import time
 
-from conftest import connect_client, connect_source, wait_until
-from fault_helpers import Reader, read_until_closed, tiny_receiver
-
 import mbroker
+from tests.harness import (
+    Reader,
+    connect_client,
+    connect_source,
+    read_until_closed,
+    tiny_receiver,
+    wait_until,
+)
 
 USER = 7
 PAD = b"1" * 3900  # FROM padded to ~4 KB lines, well under the default --max-line
@@ -86,9 +91,9 @@ def test_client_that_never_reads_is_cut_off_at_max_client_buffer_while_healthy_c
         sent += 1
     expect_everything_in_order(reader, sent)
     # what the stalled client did get is an in-order prefix, then the close
-    closed, received = read_until_closed(stalled, timeout=5)
-    assert closed
-    assert b"".join(batch(index) for index in range(sent)).startswith(received)
+    ending = read_until_closed(stalled, timeout=5)
+    assert ending.closed
+    assert b"".join(batch(index) for index in range(sent)).startswith(ending.data)
     assert running.stats().clients == 1
     assert any("slow_consumer_buffer" in r.getMessage() for r in caplog.records)
 
@@ -114,5 +119,5 @@ def test_client_that_never_reads_is_cut_off_after_write_timeout_while_healthy_cl
     assert stats.closes["slow_consumer_buffer"] == 0
     assert closed_entry(running, stalled).reason is mbroker.CloseReason.SLOW_CONSUMER_TIMEOUT
     expect_everything_in_order(reader, sent)
-    assert read_until_closed(stalled, timeout=5)[0]
+    assert read_until_closed(stalled, timeout=5).closed
     assert any("slow_consumer_timeout" in r.getMessage() for r in caplog.records)
