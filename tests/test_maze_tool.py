@@ -25,6 +25,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MAZE_PATH = REPO_ROOT / "tools" / "maze.py"
+CLIENT_PATH = REPO_ROOT / "tools" / "client.py"
 SUCCESS_LINE = "\\o/ ALL NOTIFICATIONS RECEIVED \\o/"
 
 # Small, fast runs: every wait in maze is bounded by these.
@@ -379,11 +380,16 @@ def test_broker_that_stops_reading_the_event_source_is_reported_stalled():
     assert "event source stalled" in output
 
 
-def test_unreachable_broker_fails_clearly():
-    # Bind then close to get a port that is (almost certainly) not listening.
+def unused_port() -> int:
+    """A port that is (almost certainly) not listening: bound, then closed."""
     probe = socket.create_server(("127.0.0.1", 0))
     port = probe.getsockname()[1]
     probe.close()
+    return port
+
+
+def test_unreachable_broker_fails_clearly():
+    port = unused_port()
     result = run_maze(*SMALL_RUN, "--eventListenerPort", str(port),
                       "--clientListenerPort", str(port))
     assert result.returncode == 1
@@ -556,3 +562,19 @@ def test_client_ports_are_a_comma_separated_list_from_flag_or_environment():
             maze.parse_config(["--clientListenerPort", bad], {})
         with pytest.raises(SystemExit):
             maze.parse_config([], {"clientListenerPort": bad})
+
+
+# -- tools/client.py -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [["user", "42"], ["source"]])
+def test_client_names_the_address_it_cannot_connect_to(mode):
+    port = unused_port()
+    result = subprocess.run([sys.executable, str(CLIENT_PATH), *mode, "--port", str(port)],
+                            input="1|B\n", capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"client.py: cannot connect to 127.0.0.1:{port}: "), \
+        result.stderr
+    assert "Connection refused" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.splitlines()) == 1

@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """A small interactive client for mbroker.
 
-    python tools/client.py user 42 [--host 127.0.0.1] [--port 9099]
+    python3 tools/client.py user 42 [--host 127.0.0.1] [--port 9099]
         connects as user 42 and prints every notification as it arrives.
 
-    python tools/client.py source [--host 127.0.0.1] [--port 9090] [--terminator lf]
+    python3 tools/client.py source [--host 127.0.0.1] [--port 9090] [--terminator lf]
         reads event lines (e.g. ``1|F|60|50``) from stdin and sends each to the event
         port, ended by ``\\r\\n`` (or ``\\n`` with --terminator lf).
 
-Standard library only. Ctrl-C or end of input ends it.
+Standard library only. Ctrl-C or end of input ends it. A connection error is one line
+naming the broker's address, with exit code 1.
 """
 
 from __future__ import annotations
@@ -21,8 +22,27 @@ from collections.abc import Sequence
 CONNECT_TIMEOUT_SECONDS = 10
 
 
+class ClientError(Exception):
+    """A failure to report in one line, naming the broker address."""
+
+
+def address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def reason(error: OSError) -> str:
+    return error.strerror or str(error) or type(error).__name__
+
+
+def connect(host: str, port: int) -> socket.socket:
+    try:
+        return socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_SECONDS)
+    except OSError as error:
+        raise ClientError(f"cannot connect to {address(host, port)}: {reason(error)}") from None
+
+
 def run_user(host: str, port: int, user: str, terminator: bytes) -> int:
-    with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_SECONDS) as sock:
+    with connect(host, port) as sock:
         sock.sendall(user.encode("ascii") + terminator)
         # No timeout after connecting: notifications come whenever events do.
         sock.settimeout(None)
@@ -39,7 +59,7 @@ def run_user(host: str, port: int, user: str, terminator: bytes) -> int:
 
 
 def run_source(host: str, port: int, terminator: bytes) -> int:
-    with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_SECONDS) as sock:
+    with connect(host, port) as sock:
         print(f"connected as the event source to {host}:{port}; type events like "
               "1|F|60|50, end with Ctrl-D", file=sys.stderr, flush=True)
         sent = 0
@@ -73,8 +93,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_source(arguments.host, arguments.port, terminator)
     except KeyboardInterrupt:
         return 0
+    except ClientError as error:
+        print(f"client.py: {error}", file=sys.stderr)
+        return 1
     except OSError as error:
-        print(f"client: {error}", file=sys.stderr)
+        print(f"client.py: connection to {address(arguments.host, arguments.port)} failed: "
+              f"{reason(error)}", file=sys.stderr)
         return 1
 
 
