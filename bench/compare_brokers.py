@@ -16,65 +16,40 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import shlex
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LISTENING = re.compile(r"events=[^\s:]+:(\d+) clients=[^\s:]+:(\d+)")
-START_TIMEOUT = 15.0
+if str(ROOT) not in sys.path:  # run as a script, bench/ is on sys.path and the root is not
+    sys.path.insert(0, str(ROOT))
+
+from tests.harness import BrokerProcess, assert_maze_succeeded, run_maze  # noqa: E402
+
 RUN_TIMEOUT = 600.0
 
 
-def broker_usage(pid: int) -> tuple[float, int]:
-    """(CPU seconds, peak RSS in bytes) of a running process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    peak = 0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            peak = int(line.split()[1]) * 1024
-    return cpu, peak
-
-
 def run_once(broker_file: str, events: int, maze_arguments: list[str]) -> dict:
-    broker = subprocess.Popen(
-        [sys.executable, broker_file, "--host", "127.0.0.1", "0", "0"],
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    broker = BrokerProcess(script=Path(broker_file).resolve())
     try:
-        line = broker.stderr.readline()  # the first line is the listening line
-        match = LISTENING.search(line)
-        if not match:
-            raise RuntimeError(f"{broker_file} did not start: {line!r}")
-        event_port, client_port = match.groups()
         with tempfile.NamedTemporaryFile(suffix=".json") as report_file:
-            maze = subprocess.run(
-                [sys.executable, str(ROOT / "tools" / "maze.py"),
-                 "--eventListenerPort", event_port, "--clientListenerPort", client_port,
-                 "--totalEvents", str(events), "--pregenerate", "--logInterval", "0",
-                 "--json", report_file.name, *maze_arguments],
-                capture_output=True, text=True, timeout=RUN_TIMEOUT)
-            if maze.returncode != 0:
+            maze = run_maze("--totalEvents", str(events), "--pregenerate", "--logInterval", "0",
+                            "--json", report_file.name, *maze_arguments, broker=broker,
+                            timeout=RUN_TIMEOUT)
+            try:
+                assert_maze_succeeded(maze, broker)
+            except AssertionError as failure:
                 raise RuntimeError(f"maze failed against {broker_file}:\n"
-                                   f"{maze.stdout[-2000:]}{maze.stderr[-2000:]}")
+                                   f"{str(failure)[-4000:]}") from None
             report = json.loads(Path(report_file.name).read_text())
-        cpu, peak = broker_usage(broker.pid)
+        cpu, peak_mib = broker.usage()
         return {"events_per_second": report["events_per_second"], "broker_cpu": cpu,
-                "peak_rss_mb": peak / 2**20}
+                "peak_rss_mb": peak_mib}
     finally:
-        broker.send_signal(signal.SIGINT)
-        try:
-            broker.wait(START_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            broker.kill()
-            broker.wait(START_TIMEOUT)
-        broker.stderr.close()
+        broker.stop()
+        broker.close()
 
 
 def main() -> int:

@@ -15,29 +15,14 @@ that the load tool is not what limits the end-to-end figures.
 
 from __future__ import annotations
 
-import collections
 import json
-import os
-import queue
-import re
 import resource
-import signal
 import statistics
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-MAZE_PATH = REPO_ROOT / "tools" / "maze.py"
-SUCCESS_LINE = "\\o/ ALL NOTIFICATIONS RECEIVED \\o/"
-LISTENING = re.compile(r"events=[^\s:]+:(\d+) clients=[^\s:]+:(\d+)")
-
-STARTUP_TIMEOUT = 15  # seconds for the broker to log its ports
-STOP_TIMEOUT = 30  # seconds for the broker to drain and exit after SIGINT
-MAZE_TIMEOUT = 300  # seconds for one whole maze run, the largest included
+from tests.harness import BrokerProcess, assert_maze_succeeded, run_maze
 
 FULL_ROUNDS = 3
 # Descriptors beyond one per client: listeners, the source, the selector, std streams,
@@ -58,23 +43,6 @@ BROADCAST_HEAVY_MIX = "F=350,U=150,B=20,P=250,S=230"
 
 SINK_EVENTS = {True: 2_000_000, False: 100_000}
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def open_file_limit_raiser(needed: int):
-    """A preexec_fn that lets a child open `needed` files, up to the hard limit.
-
-    Only the children get the higher limit; the pytest process keeps its own.
-    """
-
-    def raise_limit() -> None:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft != resource.RLIM_INFINITY and soft < needed:
-            new_soft = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
-
-    return raise_limit
-
 
 def skip_unless_open_files_allowed(needed: int) -> None:
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -83,101 +51,23 @@ def skip_unless_open_files_allowed(needed: int) -> None:
                     f"{hard}; raise it (ulimit -Hn, limits.conf) to run this benchmark")
 
 
-class BrokerProcess:
-    """mbroker.py as a subprocess on ephemeral loopback ports.
-
-    A thread drains its stderr, so the broker never blocks on a full pipe; the last
-    lines are kept for failure messages.
-    """
-
-    def __init__(self, open_files: int):
-        self.process = subprocess.Popen(
-            [sys.executable, "mbroker.py", "--host", "127.0.0.1", "0", "0"],
-            cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True, errors="replace",
-            preexec_fn=open_file_limit_raiser(open_files))
-        self.recent_lines: collections.deque[str] = collections.deque(maxlen=50)
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._drain, daemon=True)
-        self._reader.start()
-        self.event_port, self.client_port = self._wait_for_ports()
-
-    def _drain(self) -> None:
-        for line in self.process.stderr:
-            self.recent_lines.append(line.rstrip("\n"))
-            self._lines.put(line)
-        self._lines.put(None)
-
-    def _wait_for_ports(self) -> tuple[int, int]:
-        try:
-            while (line := self._lines.get(timeout=STARTUP_TIMEOUT)) is not None:
-                match = LISTENING.search(line)
-                if match:
-                    return int(match.group(1)), int(match.group(2))
-        except queue.Empty:
-            pass
-        self.kill()
-        raise AssertionError("the broker did not log its listening ports:\n" + self.log())
-
-    def log(self) -> str:
-        return "\n".join(self.recent_lines)
-
-    def usage(self) -> tuple[float, float]:
-        """(CPU seconds so far, peak RSS in MB), from /proc while the broker runs."""
-        pid = self.process.pid
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        # Fields after the ")" that closes the command name: utime and stime are the
-        # 12th and 13th of them (fields 14 and 15 of proc(5)).
-        fields = stat.rsplit(")", 1)[1].split()
-        cpu_seconds = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-        status = Path(f"/proc/{pid}/status").read_text()
-        peak_kib = int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE).group(1))
-        return cpu_seconds, peak_kib / 1024
-
-    def stop(self) -> int:
-        """SIGINT, then a bounded wait for the broker to drain and exit."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-        try:
-            return self.process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"the broker did not stop within {STOP_TIMEOUT} s of "
-                                 f"SIGINT:\n{self.log()}") from None
-        finally:
-            self._reader.join(STOP_TIMEOUT)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(STOP_TIMEOUT)
-
-
 class EndToEndRound:
     """One fresh broker and one maze run against it."""
 
     def __init__(self, report_path: Path, open_files: int):
         self.report_path = report_path
         self.open_files = open_files
-        self.broker = BrokerProcess(open_files)
+        self.broker = BrokerProcess(open_files=open_files)
         self.report: dict | None = None
         self.broker_cpu_seconds = 0.0
         self.broker_peak_rss_mb = 0.0
 
     def drive(self, maze_arguments: list[str]) -> None:
         """The measured part: the whole maze process."""
-        command = [sys.executable, str(MAZE_PATH),
-                   "--eventListenerPort", str(self.broker.event_port),
-                   "--clientListenerPort", str(self.broker.client_port),
-                   "--pregenerate", "--logInterval", "0", "--json", str(self.report_path),
-                   *maze_arguments]
-        result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True,
-                                timeout=MAZE_TIMEOUT,
-                                preexec_fn=open_file_limit_raiser(self.open_files))
-        details = (f"maze stdout:\n{result.stdout}\nmaze stderr:\n{result.stderr}\n"
-                   f"broker log (last lines):\n{self.broker.log()}")
-        assert result.returncode == 0, details
-        assert SUCCESS_LINE in result.stdout.splitlines(), details
+        result = run_maze("--pregenerate", "--logInterval", "0",
+                          "--json", str(self.report_path), *maze_arguments,
+                          broker=self.broker, open_files=self.open_files)
+        assert_maze_succeeded(result, self.broker)
         self.report = json.loads(self.report_path.read_text())
 
     def finish(self) -> None:
@@ -185,7 +75,8 @@ class EndToEndRound:
         if self.broker.process.poll() is None:
             self.broker_cpu_seconds, self.broker_peak_rss_mb = self.broker.usage()
         exit_code = self.broker.stop()
-        assert exit_code == 0, f"the broker exited {exit_code} on SIGINT:\n{self.broker.log()}"
+        assert exit_code == 0, (f"the broker exited {exit_code} on SIGINT:\n"
+                                f"{self.broker.log(last=50)}")
 
 
 def run_end_to_end(benchmark, tmp_path: Path, record_rates, maze_arguments: list[str],
@@ -210,7 +101,7 @@ def run_end_to_end(benchmark, tmp_path: Path, record_rates, maze_arguments: list
             end_to_end_round.finish()
     finally:
         for end_to_end_round in started:
-            end_to_end_round.broker.kill()
+            end_to_end_round.broker.close()
 
     reports = [end_to_end_round.report for end_to_end_round in started]
     events, notifications = reports[0]["events"], reports[0]["notifications"]
@@ -253,13 +144,9 @@ def test_load_tool_ceiling_pregenerated_sink(benchmark, tmp_path, full_size, rec
 
     def run_sink():
         report_path = tmp_path / f"sink-round-{len(reports)}.json"
-        result = subprocess.run(
-            [sys.executable, str(MAZE_PATH), "--sink", "--pregenerate",
-             "--totalEvents", str(total_events), "--logInterval", "0",
-             "--json", str(report_path)],
-            cwd=REPO_ROOT, capture_output=True, text=True, timeout=MAZE_TIMEOUT)
-        assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-        assert SUCCESS_LINE in result.stdout.splitlines(), result.stdout
+        result = run_maze("--sink", "--pregenerate", "--totalEvents", str(total_events),
+                          "--logInterval", "0", "--json", str(report_path))
+        assert_maze_succeeded(result)
         reports.append(json.loads(report_path.read_text()))
 
     benchmark.pedantic(run_sink, rounds=FULL_ROUNDS if full_size else 1)
