@@ -124,6 +124,20 @@ def wait_for_record(caplog, pattern: str, timeout: float = WAIT) -> str:
     return found[0]
 
 
+def assert_serving(running: mbroker.RunningBroker, source: socket.socket | None = None,
+                   seq: int = 1) -> None:
+    """The broker is alive and delivers: a new client gets a new private message
+    (SEQ `seq`, sent on `source` or on a new source connection)."""
+    assert running.broker.running, "the broker's loop stopped"
+    probe = connect_client(running.client_port, 999_999, wait_registered=running)
+    if source is None:
+        source = connect_source(running.event_port)
+    line = b"%d|P|1|999999\r\n" % seq
+    source.sendall(line)
+    assert receive_exactly(probe, len(line)) == line
+    probe.close()
+
+
 def give_accepted_sockets_small_send_buffers(monkeypatch, sndbuf: int = 4096) -> None:
     """Make an in-process broker's accepted sockets take little from it, as
     remote clients' would, so its own queues rather than loopback's large

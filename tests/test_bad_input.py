@@ -156,18 +156,6 @@ def test_line_without_a_valid_seq_is_dropped_without_consuming_any_number(start_
     assert_nothing_more(user5)
 
 
-def test_empty_lines_are_ignored_without_being_counted(start_broker):
-    running = start_broker()
-    user5 = connect_client(running.client_port, 5, wait_registered=running)
-    source = connect_source(running.event_port)
-    source.sendall(b"\r\n\n\r\n1|B\r\n\n2|B\n")
-    expected = b"1|B\r\n2|B\n"
-    assert receive_exactly(user5, len(expected)) == expected
-    assert_nothing_more(user5)
-    counters = running.stats().counters
-    assert counters.malformed == counters.unsequenced == 0
-
-
 def test_bad_lines_are_logged_with_their_kind(start_broker, caplog):
     caplog.set_level("WARNING", logger="mbroker")
     running = start_broker()

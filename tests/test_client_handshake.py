@@ -35,7 +35,8 @@ INVALID_HELLOS = {
 }
 
 
-def test_client_that_sends_no_id_is_closed_after_the_hello_timeout(start_broker, caplog):
+def test_client_without_an_id_receives_nothing_and_is_closed_after_the_hello_timeout(
+        start_broker, caplog):
     caplog.set_level("WARNING", logger="mbroker")
     running = start_broker(hello_timeout=0.3)
     registered = connect_client(running.client_port, 5, wait_registered=running)

@@ -12,6 +12,8 @@ import time
 import pytest
 
 from tests.harness import (
+    WAIT,
+    BrokerProcess,
     connect_client,
     connect_source,
     give_accepted_sockets_small_send_buffers,
@@ -119,19 +121,40 @@ def test_second_signal_exits_at_once_while_draining(start_broker_process):
     assert "Traceback" not in process.log()
 
 
-def test_idle_broker_exits_0_promptly_on_sigterm_closing_its_clients(start_broker_process):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_stops_an_idle_broker_promptly_with_exit_0_closing_its_connections(
+        start_broker_process, signum):
     process = start_broker_process()
     client = connect_client(process.client_port, 5)
     source = connect_source(process.event_port)
     source.sendall(b"1|B\r\n")
     assert receive_exactly(client, 5) == b"1|B\r\n"
     started = time.monotonic()
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     assert process.wait_exit(timeout=5.0) == 0
     assert time.monotonic() - started < 1.5
     assert read_until_closed(client, timeout=1.0).closed
     assert read_until_closed(source, timeout=1.0).closed
     assert "Traceback" not in process.log()
+
+
+def start_and_signal_as_soon_as_listening(signum: int) -> tuple[int, str]:
+    """Start `python mbroker.py`, send `signum` the moment it logs that it
+    listens (the line operators and tools wait for), return (exit code, stderr)."""
+    process = BrokerProcess()
+    try:
+        process.send_signal(signum)
+        return process.wait_exit(WAIT), process.log()
+    finally:
+        process.close()
+
+
+def test_signal_right_after_the_listening_line_still_exits_0_without_traceback():
+    outcomes = [start_and_signal_as_soon_as_listening(signum)
+                for signum in [signal.SIGINT, signal.SIGTERM] * 4]
+    failures = [(code, stderr[-400:]) for code, stderr in outcomes
+                if code != 0 or "Traceback" in stderr]
+    assert not failures, f"{len(failures)} of {len(outcomes)} runs: {failures[0]}"
 
 
 def test_source_blocked_by_backpressure_is_released_by_shutdown(start_broker_process):
