@@ -245,6 +245,11 @@ class BrokerProcess:
         raise AssertionError(f"no log line matching {pattern!r} within {timeout} s:\n"
                              f"{self.log(last=50)}")
 
+    def wait_for_registration(self, user_id: int, timeout: float = WAIT) -> None:
+        """Until a client has registered as `user_id`; the broker must have been
+        started with --log-level DEBUG, the level that logs registrations."""
+        self.wait_for_log(rf"\(user {user_id}\) registered", timeout)
+
     def send_signal(self, signum: int) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signum)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 import threading
-import time
 
 from tests.harness import (
     Reader,
@@ -15,6 +14,7 @@ from tests.harness import (
     send_until_blocked,
     small_sender,
     tiny_receiver,
+    wait_housekeeping_ticks,
     wait_until,
 )
 
@@ -58,7 +58,7 @@ def test_full_outbound_buffers_pause_the_source_until_clients_drain_and_nothing_
         assert stats.source.paused, stats.source
         assert stats.bytes_queued > MAX_BUFFERED
         read_before = stats.source.bytes_read
-        time.sleep(0.3)
+        wait_housekeeping_ticks(running)  # the loop has gone round, with bytes waiting
         stats = running.stats()
         assert stats.source.bytes_read == read_before, "a paused source is still read"
         assert stats.counters.slow_consumers == 0
@@ -101,14 +101,15 @@ def test_broadcast_fan_out_to_many_stalled_clients_stays_near_the_limit(start_br
     pad = b"0" * (line_length - 10)
     stream = b"".join(b"%s%d|B\r\n" % (pad, seq) for seq in range(1, 1001))
     sent = send_until_blocked(source, stream)
-    deadline = time.monotonic() + 3
-    while time.monotonic() < deadline:
+
+    def paused_noting_the_peak() -> bool:
+        nonlocal peak
         stats = running.stats()
         peak = max(peak, stats.bytes_queued)
-        if stats.source.paused:
-            break
-        time.sleep(0.02)
-    assert running.stats().source.paused, f"source not paused after {sent} bytes"
+        return stats.source.paused
+
+    wait_until(paused_noting_the_peak, timeout=3, interval=0.02,
+               message=f"source not paused after {sent} bytes")
     # One slice may pass the limit by its fan-out budget (an eighth of the
     # limit) plus one broadcast to every client, never by a whole read.
     bound = limit + limit // 8 + clients * line_length

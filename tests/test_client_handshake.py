@@ -96,6 +96,7 @@ def test_valid_ids_with_spaces_leading_zeros_32_digits_or_split_are_accepted(sta
     hellos = [(b"  8  \r\n", 8), (b"007\n", 7), (b"9" * 32 + b"\r\n", big), (padded + b"\n", 42)]
     clients = [(connect_client(running.client_port, hello), uid) for hello, uid in hellos]
     split = raw_client(running.client_port)
+    # Paced, so that the broker is likely to read the id in three pieces.
     split.sendall(b"1")
     time.sleep(0.05)
     split.sendall(b"3\r")

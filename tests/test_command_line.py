@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import fields
 
 import pytest
@@ -81,9 +80,9 @@ def test_importing_mbroker_imports_nothing_outside_the_standard_library():
 
 def test_broker_serves_on_a_python_without_site_packages(start_broker_process):
     """`python -I -S`: no site-packages at all, as on a bare Python 3.11."""
-    process = start_broker_process(python_options=("-I", "-S"))
+    process = start_broker_process("--log-level", "DEBUG", python_options=("-I", "-S"))
     client = connect_client(process.client_port, 3)
-    time.sleep(0.1)
+    process.wait_for_registration(3)
     source = connect_source(process.event_port)
     source.sendall(b"1|P|1|3\r\n")
     expect(client, b"1|P|1|3\r\n")

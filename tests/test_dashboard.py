@@ -527,7 +527,7 @@ def test_a_terminal_that_stops_reading_never_stalls_delivery():
             source.sendall(b"%d|B\r\n" % seq)
             expected = b"%d|B\r\n" % seq
             assert client.recv(100) == expected, f"broadcast {seq} stalled"
-            time.sleep(0.1)
+            time.sleep(0.1)  # paced, so that the broadcasts span several frames
     finally:
         process.send_signal(signal.SIGINT)
         os.set_blocking(master, False)

@@ -29,11 +29,11 @@ def event(seq: int) -> bytes:
 
 def test_withheld_first_seq_under_a_stream_of_300k_events_keeps_memory_bounded(
         start_broker_process):
-    process = start_broker_process("--max-pending", str(MAX_PENDING))
+    process = start_broker_process("--max-pending", str(MAX_PENDING), "--log-level", "DEBUG")
     pid = process.pid
     user5 = connect_client(process.client_port, 5)
     source = connect_source(process.event_port)
-    time.sleep(0.3)  # the hello is read long before the first notification for 5
+    process.wait_for_registration(5)
     before = rss_kib(pid)
     last = EVENTS + 1
     stream_bytes = 0
@@ -85,11 +85,11 @@ def test_steady_reorder_window_below_max_pending_keeps_memory_bounded(start_brok
     # holds for the reorder buffer must stay about 600 events, however long the
     # stream runs.
     events, delay = 400_000, 1200
-    process = start_broker_process("--max-pending", "1000")
+    process = start_broker_process("--max-pending", "1000", "--log-level", "DEBUG")
     pid = process.pid
     user5 = connect_client(process.client_port, 5)
     source = connect_source(process.event_port)
-    time.sleep(0.3)
+    process.wait_for_registration(5)
     before = rss_kib(pid)
     order = sorted(range(1, events + 1), key=lambda seq: seq + (delay if seq % 2 == 0 else 0))
     # hold back the last window's late evens, so the buffer is still busy when measured
@@ -116,11 +116,11 @@ def test_refused_follows_to_ever_new_users_keep_memory_bounded(start_broker_proc
     # --max-follows caps the follow graph; follows past it are refused and must
     # not leave anything behind, whichever users they name.
     events = 300_000
-    process = start_broker_process("--max-follows", "1000")
+    process = start_broker_process("--max-follows", "1000", "--log-level", "DEBUG")
     pid = process.pid
     user5 = connect_client(process.client_port, 5)
     source = connect_source(process.event_port)
-    time.sleep(0.3)
+    process.wait_for_registration(5)
     before = rss_kib(pid)
     stream_bytes = send_in_chunks(
         source, [b"%d|F|1|%d\r\n" % (seq, 1_000_000 + seq) for seq in range(1, events + 1)])

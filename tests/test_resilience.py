@@ -45,18 +45,40 @@ def garbage(seed: int, size: int) -> bytes:
     return data + b"\n"
 
 
+def count_lines_without_a_seq(data: bytes, max_line: int) -> tuple[int, int]:
+    """(overlong, unsequenced): how a broker counts the complete lines of `data`
+    when none of them has a valid SEQ. A line longer than max_line before its
+    newline, its "\\r" included, is overlong; an empty one (the newline, or
+    "\\r\\n", alone) is skipped; any other is unsequenced (docs/behaviour.md
+    §2.1.1, §2.1.9, §4.2, §4.3)."""
+    overlong = unsequenced = 0
+    for line in data.split(b"\n")[:-1]:
+        if len(line) > max_line:
+            overlong += 1
+        elif line not in (b"", b"\r"):
+            unsequenced += 1
+    return overlong, unsequenced
+
+
 def test_garbage_and_non_utf8_bytes_on_the_event_port_never_crash_the_broker(start_broker):
-    running = start_broker(max_line=512)
+    max_line = 512
+    running = start_broker(max_line=max_line)
     user5 = connect_client(running.client_port, 5, wait_registered=running)
     source = connect_source(running.event_port)
-    source.sendall(garbage(1, 300_000))
+    noise = garbage(1, 300_000)
     # bytes that look almost like events, invalid UTF-8, NULs, lone CRs, pipes
-    source.sendall(b"|||\r\n\x00|B\r\n\xc3\x28|P\r\n\r\r\r\n|\xff|\xfe|\n\xed\xa0\x80\r\n")
+    near_misses = b"|||\r\n\x00|B\r\n\xc3\x28|P\r\n\r\r\r\n|\xff|\xfe|\n\xed\xa0\x80\r\n"
+    source.sendall(noise)
+    source.sendall(near_misses)
     source.sendall(b"1|B\r\n")
     assert receive_exactly(user5, 5) == b"1|B\r\n"
     assert_nothing_more(user5)
     counters = running.stats().counters
-    assert counters.unsequenced > 100 and counters.overlong >= 0
+    overlong, unsequenced = count_lines_without_a_seq(noise + near_misses, max_line)
+    assert overlong > 0  # the seeded noise has lines both over and under the limit
+    assert counters.unsequenced > 100
+    assert (counters.overlong, counters.unsequenced) == (overlong, unsequenced)
+    assert counters.malformed == 0
     # garbage cut off by a reset, then a new source
     rogue = connect_source(running.event_port)
     rogue.sendall(garbage(2, 50_000)[:-1])
@@ -193,7 +215,7 @@ def test_running_out_of_file_descriptors_pauses_accepting_without_spinning(
         assert receive_exactly(keeper, 11) == b"101|P|1|5\r\n"
         # and the loop does not spin on a listener it cannot accept from
         before = cpu_seconds(pid)
-        time.sleep(1.0)
+        time.sleep(1.0)  # the window its CPU time is measured over
         used = cpu_seconds(pid) - before
         assert used < 0.3, f"{used:.2f} s of CPU in 1 s while out of file descriptors"
     finally:
@@ -219,10 +241,10 @@ def test_running_out_of_file_descriptors_pauses_accepting_without_spinning(
 
 def test_event_source_is_accepted_even_when_clients_used_every_file_descriptor(
         start_broker_process):
-    process = start_broker_process("--hello-timeout", "30")
+    process = start_broker_process("--hello-timeout", "30", "--log-level", "DEBUG")
     pid = process.pid
     keeper = connect_client(process.client_port, 5)
-    time.sleep(0.2)
+    process.wait_for_registration(5)
     resource.prlimit(pid, resource.RLIMIT_NOFILE, (64, 64))
     extras = []
     try:
