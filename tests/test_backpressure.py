@@ -1,7 +1,8 @@
-"""SPEC §3, --max-buffered: when the outbound buffers of all clients together pass
-the limit, the broker stops reading the event source — TCP then pushes back on
-the source, whose sends block — until they drain below half; nothing is
-dropped, so clients that stalled and then read get every notification in order."""
+"""--max-buffered (docs/behaviour.md §4.15, §6.2, §3.5): when the outbound buffers
+of all clients together pass the limit, the broker stops reading the event
+source (TCP then pushes back on the source, whose sends block) until they drain
+below half; nothing is dropped, so clients that stalled and then read get every
+notification in order."""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
-"""SPEC §3, malformed event lines: a line with a valid SEQ that does not parse is
-consumed as a no-op at that SEQ (the stream goes on past it); a line without a
-valid SEQ is dropped; both are counted and logged, and the log is rate-limited."""
+"""Malformed event lines (docs/behaviour.md §4.1, §4.2, §6.7, §6.8): a line with a
+valid SEQ that does not parse is consumed as a no-op at that SEQ (the stream goes
+on past it); a line without a valid SEQ, SEQ 0 included, is dropped; both are
+counted and logged, and the log is rate-limited (§4, conventions). A malformed
+resend of a delivered SEQ is a duplicate (§4.4)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""SPEC §2.2 and §3, the client hello: a client that sends no id within
---hello-timeout is closed (hello_timeout); an invalid id — not digits, over 32
-digits, or a first line over 64 bytes, even before its newline — is closed at
+"""The client hello (docs/behaviour.md §2.2.1, §2.2.2, §2.2.6, §4.10, §4.11): a
+client receives nothing until its id is read; one that sends no id within
+--hello-timeout is closed (hello_timeout); an invalid id (not digits, over 32
+digits, or a first line over 64 bytes, even before its newline) is closed at
 once (invalid_id). Both are logged; other clients are never disturbed."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Property tests of the pure core: whatever the order within reorder windows
 and however the bytes are cut into reads, every subscriber receives exactly
-what a naive in-order oracle computes (SPEC §2.1)."""
+what a naive in-order oracle computes (docs/behaviour.md §2.1, §3.1–§3.3)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Exchange and EventPipeline (SPEC §2.1): the follow graph and routing,
-applied in sequence order, with in-memory subscribers."""
+"""Exchange and EventPipeline (docs/behaviour.md §2.1, §3.2, §6.1, §6.2): the
+follow graph and routing, applied in sequence order, with in-memory subscribers."""
 
 from __future__ import annotations
 

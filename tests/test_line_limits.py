@@ -1,6 +1,7 @@
-"""SPEC §3, --max-line: an event line longer than the limit before its newline is
-discarded up to that newline without ever being buffered whole, counted as
-`overlong` and logged; its SEQ is not consumed, and later events still flow."""
+"""--max-line (docs/behaviour.md §4.3, §3.6): an event line longer than the limit
+before its newline is discarded up to that newline without ever being buffered
+whole, counted as `overlong` and logged; its SEQ is not consumed, and later
+events still flow."""
 
 from __future__ import annotations
 

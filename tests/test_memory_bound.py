@@ -1,7 +1,10 @@
-"""SPEC §3, "memory stays bounded by the limits above, whatever the input": with
-sequence 1 withheld and hundreds of thousands of events streamed, a broker with
-a small --max-pending declares 1 lost, resumes delivery, and its resident
-memory grows by far less than buffering the stream would cost."""
+"""Bounded memory, whatever the input (docs/behaviour.md §3.6), measured as the
+resident memory of a child broker: with sequence 1 withheld and hundreds of
+thousands of events streamed, a broker with a small --max-pending declares 1 lost,
+resumes delivery (§4.7) and grows by far less than buffering the stream would
+cost; a reorder window that stays below --max-pending costs what the window
+holds, however long the stream; follows refused past --max-follows (§6.1) leave
+nothing behind."""
 
 from __future__ import annotations
 

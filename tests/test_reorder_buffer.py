@@ -1,5 +1,5 @@
-"""ReorderBuffer (SPEC §2.1, §3): strict sequence order, each SEQ at most once,
-memory bounded by max_pending."""
+"""ReorderBuffer (docs/behaviour.md §2.1.7, §3.2, §4.4, §4.6, §4.7): strict
+sequence order, each SEQ at most once, memory bounded by max_pending."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
-"""SPEC §3, --max-pending: a SEQ that never arrives is waited for until the reorder
-buffer would pass the limit; then the lowest missing numbers are declared lost
-(one log line per range, counted as `skipped`), delivery resumes, and a lost SEQ
-that turns up later is dropped (`late`). Resent numbers are `duplicate`."""
+"""--max-pending (docs/behaviour.md §4.4, §4.6, §4.7): a SEQ that never arrives is
+waited for until the reorder buffer would pass the limit; then the lowest missing
+numbers are declared lost (one log line per range, counted as `skipped`),
+delivery resumes, and a lost SEQ that turns up later is dropped (`late`).
+Resent numbers are `duplicate`."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
-"""SPEC §3, SIGINT / SIGTERM: at once stop accepting clients and reading events,
-deliver what was already dispatched (bytes already queued for a client count)
-within --drain-timeout, close everything and exit 0; a second signal exits at
-once. Each test runs `python mbroker.py` as a child process."""
+"""SIGINT / SIGTERM (docs/behaviour.md §4.18, §4.19, §6.3): at once stop accepting
+clients and reading events, deliver what was already dispatched (bytes already
+queued for a client count) within --drain-timeout, close everything and exit 0;
+a second signal exits at once. Most tests run `python mbroker.py` as a child
+process and signal it."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""SPEC §3, slow consumers: a client that does not read has its outbound buffer
-grow; past --max-client-buffer, or after --write-timeout seconds with bytes
-queued and none written, that connection alone is closed with its reason,
-logged and counted as `slow_consumers`, while every other client keeps
-receiving every notification in order.
+"""Slow consumers (docs/behaviour.md §4.13, §4.14, §3.5): a client that does not
+read has its outbound buffer grow; past --max-client-buffer, or after
+--write-timeout seconds with bytes queued and none written, that connection alone
+is closed with its reason, logged and counted as `slow_consumers`, while every
+other client keeps receiving every notification in order.
 
 The kernel absorbs a few MiB for a client that does not read before anything
 is queued in the broker, so the tests send in batches until the limit bites,
