@@ -669,8 +669,17 @@ Completions = Callable[[Sequence[int]], tuple[int, ...]]
 def prefix_completions(order: Sequence[int]) -> Completions:
     """For a batch sent in ``order`` (``order[j]`` is the sequence position of the j-th
     line sent): prefix i is complete once the last-sent of its first i+1 lines is sent."""
-    sent_at = sorted(range(len(order)), key=order.__getitem__)
-    return operator.itemgetter(*itertools.accumulate(sent_at, max))
+    # Plain loops: for a batch of thousands they beat sorted() and accumulate(max).
+    sent_at = [0] * len(order)
+    for position, line in enumerate(order):
+        sent_at[line] = position
+    completed_at = []
+    last = 0
+    for position in sent_at:
+        if position > last:
+            last = position
+        completed_at.append(last)
+    return operator.itemgetter(*completed_at)
 
 
 def prefix_releases(line_ends: list[int], batch_sizes: Sequence[int],
