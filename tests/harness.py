@@ -43,16 +43,21 @@ STARTUP_TIMEOUT = 15.0  # for a child broker to log that it listens
 STOP_TIMEOUT = 30.0  # for a child broker to drain and exit after a signal
 MAZE_TIMEOUT = 300.0  # for one whole maze run, the largest benchmark included
 
-# The first log line of a broker (docs/behaviour.md §5.3), with the ports it bound.
-LISTENING = re.compile(r"listening events=[^\s:]+:(\d+) clients=[^\s:]+:(\d+)")
+# The first log line of a broker (docs/behaviour.md §5.3), with the ports it bound;
+# an edge of a log has no event port.
+LISTENING = re.compile(r"listening (?:events=[^\s:]+:(\d+) )?clients=[^\s:]+:(\d+)")
 
 
-def listening_ports(line: str | bytes) -> tuple[int, int] | None:
-    """(event port, client port) from a broker's listening line, or None."""
+def listening_ports(line: str | bytes) -> tuple[int | None, int] | None:
+    """(event port, client port) from a broker's listening line, or None if the
+    line is not one; the event port is None for an edge."""
     if isinstance(line, bytes):
         line = line.decode(errors="replace")
     match = LISTENING.search(line)
-    return (int(match.group(1)), int(match.group(2))) if match else None
+    if not match:
+        return None
+    event_port = int(match.group(1)) if match.group(1) else None
+    return event_port, int(match.group(2))
 
 
 # -- waiting ------------------------------------------------------------------------------
@@ -177,19 +182,23 @@ class BrokerProcess:
     full pipe and tests can wait for a log line. The constructor returns once
     the broker listens: it reads the ports from the listening line, or, when
     `listening_line` is False (a --log-level that hides it), waits until the
-    process has both ports open and leaves the ports unknown (None).
+    process has its ports open and leaves the ports unknown (None).
 
-    open_files: raise the child's soft RLIMIT_NOFILE to this many (for runs
-    with thousands of clients). python_options: options for the interpreter
-    itself, e.g. ("-I", "-S"). script: another broker file (bench/compare_brokers.py).
+    ports: the positional port arguments ("0" each: any free port). open_files:
+    raise the child's soft RLIMIT_NOFILE to this many (for runs with thousands
+    of clients). python_options: options for the interpreter itself, e.g.
+    ("-I", "-S"). script: another broker file (bench/compare_brokers.py).
+    expect_exit: the broker is expected to exit by itself at start (an invalid
+    setting): return at once, and let the test call wait_exit().
     """
 
-    def __init__(self, *arguments: str, script: Path | str = MBROKER_PATH,
-                 python_options: tuple[str, ...] = (), open_files: int | None = None,
-                 listening_line: bool = True, startup_timeout: float = STARTUP_TIMEOUT):
+    def __init__(self, *arguments: str, ports: tuple[str, ...] = ("0", "0"),
+                 script: Path | str = MBROKER_PATH, python_options: tuple[str, ...] = (),
+                 open_files: int | None = None, listening_line: bool = True,
+                 expect_exit: bool = False, startup_timeout: float = STARTUP_TIMEOUT):
         self.process = subprocess.Popen(
             [sys.executable, *python_options, str(script), "--host", LOCALHOST, *arguments,
-             "0", "0"],
+             *ports],
             cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, text=True, errors="replace",
             preexec_fn=open_file_limit_raiser(open_files) if open_files else None)
@@ -201,13 +210,16 @@ class BrokerProcess:
         self._reader.start()
         self.event_port: int | None = None
         self.client_port: int | None = None
+        if expect_exit:
+            return
         try:
             if listening_line:
                 line = self.wait_for_log(LISTENING.pattern, timeout=startup_timeout)
                 self.event_port, self.client_port = listening_ports(line)
             else:
                 wait_until(lambda: self.process.poll() is not None
-                           or listening_sockets(self.pid) == 2, timeout=startup_timeout)
+                           or listening_sockets(self.pid) == (1 if "--edge" in arguments else 2),
+                           timeout=startup_timeout)
                 assert self.process.poll() is None, "the broker exited"
         except AssertionError:
             self.close()
