@@ -1701,6 +1701,7 @@ class MazeRun:
         progress = ProgressLog(self.config.log_interval_ms, self.log,
                                self.config.total_events, feed, sender, verifier)
         clock = sender.clock
+        paced = sender.rate is not None
         while True:
             feed.refill()
             now = time.perf_counter()
@@ -1711,6 +1712,9 @@ class MazeRun:
                     sender.on_ready(mask)
                 else:
                     verifier.read(key.data)
+                    if paced:
+                        # A broadcast can make a pass read every client: keep the schedule.
+                        sender.pump(time.perf_counter())
             if sender.failure is not None:
                 return [sender.failure]
             if verifier.failed:
