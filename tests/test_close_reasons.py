@@ -19,6 +19,7 @@ from tests.harness import (
     connect_source,
     expect,
     local_peer,
+    raw_client,
     read_until_closed,
     receive_exactly,
     reset,
@@ -62,7 +63,7 @@ def test_half_closed_client_is_closed_alone(broker):
 def test_clients_reset_mid_hello_or_with_bytes_queued_are_closed_alone(start_broker):
     running = start_broker(write_timeout=30.0, max_client_buffer=64 * 1024 * 1024)
     healthy = connect_client(running.client_port, 5, wait_registered=running)
-    mid_hello = socket.create_connection(("127.0.0.1", running.client_port), timeout=WAIT)
+    mid_hello = raw_client(running.client_port)
     mid_hello.sendall(b"12")
     stalled = tiny_receiver(running.client_port, 5, rcvbuf=4096)
     wait_until(lambda: running.stats().clients == 2)
@@ -134,7 +135,7 @@ def scenario_client_error(start_broker):
 
 def scenario_hello_timeout(start_broker):
     broker = start_broker(hello_timeout=0.3)
-    sock = socket.create_connection(("127.0.0.1", broker.client_port), timeout=WAIT)
+    sock = raw_client(broker.client_port)
     sock.sendall(b"1")  # never finished
     ending = read_until_closed(sock)
     assert (ending.data, ending.how) == (b"", "eof")
@@ -143,7 +144,7 @@ def scenario_hello_timeout(start_broker):
 
 def scenario_invalid_id(start_broker):
     broker = start_broker()
-    sock = socket.create_connection(("127.0.0.1", broker.client_port), timeout=WAIT)
+    sock = raw_client(broker.client_port)
     sock.sendall(b"not-a-number\r\n")
     assert read_until_closed(sock).closed
     return broker, ("client", local_peer(sock), None)

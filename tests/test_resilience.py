@@ -28,6 +28,7 @@ from tests.harness import (
     connect_source,
     cpu_seconds,
     open_fds,
+    raw_client,
     read_until_closed,
     receive_exactly,
     reset,
@@ -95,7 +96,7 @@ def test_garbage_on_the_client_port_never_crashes_the_broker(start_broker):
         chatty.sendall(rng.randbytes(2000))
     garbage_hellos = []
     for seed in range(30):
-        sock = socket.create_connection(("127.0.0.1", running.client_port), timeout=WAIT)
+        sock = raw_client(running.client_port)
         sock.sendall(random.Random(seed).randbytes(rng.randrange(1, 5000)))
         garbage_hellos.append(sock)
     for sock in garbage_hellos:  # each is refused as an invalid id (or waits for its newline)
@@ -116,8 +117,7 @@ def test_garbage_on_the_client_port_never_crashes_the_broker(start_broker):
 def test_accept_burst_of_hundreds_of_clients_is_served_whole(start_broker):
     running = start_broker()
     count = 300
-    clients = [socket.create_connection(("127.0.0.1", running.client_port), timeout=WAIT)
-               for _ in range(count)]
+    clients = [raw_client(running.client_port) for _ in range(count)]
     for index, sock in enumerate(clients):
         sock.sendall(b"%d\r\n" % (index + 1))
     wait_until(lambda: running.stats().clients == count)
@@ -146,8 +146,7 @@ def wait_registered_in_process(source: socket.socket, client: socket.socket) -> 
 def churn(client_port: int, event_port: int, cycles: int) -> None:
     for cycle in range(cycles):
         kind = cycle % 6
-        port = event_port if kind == 5 else client_port
-        sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+        sock = connect_source(event_port) if kind == 5 else raw_client(client_port)
         if kind == 0:
             sock.sendall(b"%d\r\n" % cycle)
             sock.close()
@@ -206,8 +205,7 @@ def test_running_out_of_file_descriptors_pauses_accepting_without_spinning(
     extras = []
     try:
         for _ in range(90):  # more than 64 descriptors can hold; the backlog keeps the rest
-            extras.append(socket.create_connection(("127.0.0.1", process.client_port),
-                                                   timeout=WAIT))
+            extras.append(raw_client(process.client_port))
         process.wait_for_log(r"cannot accept")
         assert open_fds(pid) <= 64
         # connected clients are still served
@@ -249,8 +247,7 @@ def test_event_source_is_accepted_even_when_clients_used_every_file_descriptor(
     extras = []
     try:
         for _ in range(90):  # exhaust the broker's descriptors with idle clients
-            extras.append(socket.create_connection(("127.0.0.1", process.client_port),
-                                                   timeout=WAIT))
+            extras.append(raw_client(process.client_port))
         process.wait_for_log(r"cannot accept")
         # The source still gets in at once, on the descriptor kept spare for it.
         source = connect_source(process.event_port)
