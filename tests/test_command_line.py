@@ -15,6 +15,7 @@ import pytest
 
 import mbroker
 from tests.harness import (
+    MBROKER_PATH,
     ROOT,
     WAIT,
     connect_client,
@@ -24,7 +25,7 @@ from tests.harness import (
 
 
 def run_mbroker(*arguments: str, timeout: float = 10.0) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "mbroker.py"), *arguments], cwd=ROOT,
+    return subprocess.run([sys.executable, str(MBROKER_PATH), *arguments], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
 

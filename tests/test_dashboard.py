@@ -34,6 +34,7 @@ from mbroker import (
 )
 from tests.harness import (
     LISTENING,
+    MBROKER_PATH,
     MIB,
     ROOT,
     busy_snapshot,
@@ -336,7 +337,7 @@ def test_make_dashboard_picks_the_status_line_off_a_terminal(monkeypatch):
 
 
 def broker_command(*arguments: str) -> list[str]:
-    return [sys.executable, str(ROOT / "mbroker.py"), "--dashboard", "--host", "127.0.0.1",
+    return [sys.executable, str(MBROKER_PATH), "--dashboard", "--host", "127.0.0.1",
             *arguments, "0", "0"]
 
 
@@ -507,7 +508,7 @@ def test_a_terminal_that_stops_reading_never_stalls_delivery():
         pass
     os.set_blocking(slave, True)
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "mbroker.py"), "--dashboard", "--host", "127.0.0.1",
+        [sys.executable, str(MBROKER_PATH), "--dashboard", "--host", "127.0.0.1",
          "0", "0"],
         stdin=slave, stdout=slave, stderr=subprocess.PIPE, cwd=ROOT,
         env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "200", "LINES": "100"})
