@@ -116,19 +116,6 @@ def wait_housekeeping_ticks(running: mbroker.RunningBroker, ticks: int = 2) -> N
         broker.call_in_loop(lambda: broker.observers.remove(count_tick))
 
 
-def wait_for_record(caplog, pattern: str, timeout: float = WAIT) -> str:
-    """The first captured log message matching `pattern` (a regex)."""
-    regex = re.compile(pattern)
-    found: list[str] = []
-
-    def logged() -> bool:
-        found[:] = [r.getMessage() for r in caplog.records if regex.search(r.getMessage())]
-        return bool(found)
-
-    wait_until(logged, timeout)
-    return found[0]
-
-
 def assert_serving(running: mbroker.RunningBroker, source: socket.socket | None = None,
                    seq: int = 1) -> None:
     """The broker is alive and delivers: a new client gets a new private message
