@@ -20,8 +20,10 @@ import contextlib
 import enum
 import errno
 import heapq
+import itertools
 import logging
 import os
+import queue
 import select
 import selectors
 import signal
@@ -29,10 +31,12 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field, fields, replace
+from functools import partial
 from itertools import compress
 
 __all__ = [
@@ -59,9 +63,11 @@ log = logging.getLogger("mbroker")
 MIB = 1024 * 1024
 
 
-def option(default, help_text: str, *, positional: str | None = None):
-    """A BrokerConfig field that is also a command-line option."""
-    return field(default=default, metadata={"help": help_text, "positional": positional})
+def option(default, help_text: str, *, positional: str | None = None, kind: type | None = None):
+    """A BrokerConfig field that is also a command-line option (kind: its
+    type, when the default's does not say)."""
+    return field(default=default, metadata={"help": help_text, "positional": positional,
+                                            "kind": kind or type(default)})
 
 
 @dataclass
@@ -89,6 +95,15 @@ class BrokerConfig:
                                        "SIGINT/SIGTERM")
     max_follows: int = option(10_000_000, "follow relations kept at most; new follows past "
                                           "it are refused (counted as follows_refused)")
+    log: str | None = option(None, "durable log on Redis: redis://[:PASSWORD@]HOST:PORT/DB "
+                                   "(or rediss://); off: one process, state in memory",
+                             kind=str)
+    log_key: str = option("mbroker:events", "the log's Redis stream; its snapshot is kept "
+                                            "at KEY:snapshot")
+    edge: bool = option(False, "follow the log (--log) and serve clients on CLIENT_PORT, "
+                               "with no event port")
+    snapshot_every: int = option(100_000, "the primary snapshots the follow graph every so "
+                                           "many sequence numbers, and trims the log")
     # Tuning of the core, not options. How much the source socket is read per
     # wake-up; how many lines the core takes at a time (a slice's objects
     # should stay in the CPU's cache); how many lines are dispatched before
@@ -116,12 +131,18 @@ class BrokerConfig:
             name = item.metadata.get("positional") or "--" + item.name.replace("_", "-")
             if item.name.endswith("_port") and not 0 <= value <= 65535:
                 return f"{name} must be between 0 and 65535, not {value}"
-            if item.name.startswith("max_") and value < 1:
+            if item.name.startswith("max_") and value < 1 or \
+                    item.name == "snapshot_every" and value < 1:
                 return f"{name} must be at least 1"
             if item.name.endswith("_timeout") and not value > 0:  # also refuses nan
                 return f"{name} must be positive"
-        if self.event_port and self.event_port == self.client_port:
+        if self.event_port and self.event_port == self.client_port and not self.edge:
             return f"EVENT_PORT and CLIENT_PORT must differ (both are {self.event_port})"
+        if self.edge and not self.log:
+            return "--edge follows a log: give --log redis://HOST:PORT/DB too"
+        if self.log is not None and \
+                urllib.parse.urlsplit(self.log).scheme not in ("redis", "rediss", "unix"):
+            return f"--log must be a redis://, rediss:// or unix:// URL, not {masked(self.log)}"
         digits = sys.get_int_max_str_digits()
         if digits and self.max_line > digits:
             # Every number on a line must be parsable; this Python parses at
@@ -147,6 +168,17 @@ ACCEPT_RETRY_DELAY = 0.5  # seconds accepting pauses after running out of descri
 ACCEPTS_PER_WAKEUP = 1024  # connections taken from one listener per wake-up
 CLIENT_READ_SIZE = 4096  # bytes read from a client per wake-up (its id, then discarded)
 LISTEN_BACKLOG = 1024
+LOG_ENTRY_ID_LIMIT = 2**64  # a Redis stream id's first part is a 64-bit number
+LOG_MAX_UNWRITTEN = 100_000  # events handed to the log's writer, not yet in Redis, before
+#                              the source pauses (resumed below half)
+LOG_WRITE_BATCH = 64  # entries per round trip to Redis
+LOG_READ_BATCH = 128  # entries an edge reads per XREAD
+LOG_RECOVERY_BATCH = 1024  # entries per XRANGE while recovering
+LOG_READ_BLOCK = 1.0  # seconds an edge's XREAD waits for new entries
+LOG_SOCKET_TIMEOUT = 5.0  # seconds a Redis command may take before the connection is retried
+LOG_RETRY_FIRST, LOG_RETRY_MAX = 0.1, 5.0  # seconds between reconnects, doubling
+SNAPSHOT_STEP = 20_000  # followers a snapshot serializes per loop iteration
+SNAPSHOT_FORMAT = b"mbroker-snapshot 1"
 
 
 # ============================================================================
@@ -381,7 +413,7 @@ class ReorderBuffer:
 
     __slots__ = ("next_seq", "highest_seq", "max_pending", "slot_margin", "largest_depth",
                  "duplicates", "late", "skipped", "_pending", "_lowest_heap", "_lost_ranges",
-                 "_unlogged_skips", "_unlogged_duplicates")
+                 "_unlogged_skips", "_unlogged_duplicates", "_unnumbered")
 
     def __init__(self, max_pending: int = DEFAULTS.max_pending, first_seq: int = 1,
                  slot_margin: int = DEFAULTS.reorder_slot_margin):
@@ -402,6 +434,7 @@ class ReorderBuffer:
         self._lost_ranges: list[tuple[int, int]] = []  # to tell late from duplicate
         self._unlogged_skips: list[tuple[int, int]] = []  # see take_skipped_ranges
         self._unlogged_duplicates: list[int] = []  # [count, lowest, highest] or empty
+        self._unnumbered: list = []  # see push_slice
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -438,17 +471,20 @@ class ReorderBuffer:
             return self._skip_lowest_gap()
         return []
 
-    def push_slice(self, seqs: list[int], items: list) -> list:
-        """Offer many items at once (seqs[i] numbers items[i]); returns the
-        items now deliverable, in order: the same as push() one by one.
+    def push_slice(self, events: list) -> list:
+        """Offer many events at once: lines split at b"|" whose first field
+        is their SEQ in ASCII digits (as in plain text: see
+        is_plain_event_text). Returns the events now deliverable, in order:
+        the same as push() one by one. An event numbered 0 is no event: it is
+        set aside for take_unnumbered().
 
-        The fast path: each item goes into a list slot by its distance from
+        The fast path: each event goes into a list slot by its distance from
         next_seq, and the run of consecutive numbers then leaves with one
-        C-level index() and slice instead of a dict pop per item. While many
-        items wait (a stalled gap, or the buffer filling up), push() one by
+        C-level index() and slice instead of a dict pop per event. While many
+        events wait (a stalled gap, or the buffer filling up), push() one by
         one, with its overflow handling, takes over.
         """
-        count = len(seqs)
+        count = len(events)
         if not count:
             return []
         pending = self._pending
@@ -456,23 +492,33 @@ class ReorderBuffer:
         if self._lowest_heap is not None or len(pending) > 4 * span or \
                 (len(pending) + count) * 4 >= self.max_pending:
             ready = []
-            for seq, item in zip(seqs, items, strict=True):
-                ready += self.push(seq, item)
+            for event in events:
+                seq = int(event[0])
+                if seq:
+                    ready += self.push(seq, event)
+                else:
+                    self._unnumbered.append(event)
             return ready
         base = self.next_seq
         slots: list = [None] * span
         if pending:  # what earlier slices left waiting: a few, or a wide batch's worth
             for seq in [seq for seq in pending if seq < base + span]:
                 slots[seq - base] = pending.pop(seq)
-        for seq, item in zip(seqs, items, strict=True):
+        for event in events:
+            seq = int(event[0])
             index = seq - base
             if 0 <= index < span:
                 if slots[index] is None:
-                    slots[index] = item
+                    slots[index] = event
                 else:
                     self._count_resent(seq)
-            elif index < 0 or pending.setdefault(seq, item) is not item:
+            elif index >= span:
+                if pending.setdefault(seq, event) is not event:
+                    self._count_resent(seq)
+            elif seq:
                 self._count_resent(seq)
+            else:
+                self._unnumbered.append(event)
         try:
             ready = slots.index(None)
         except ValueError:  # every slot filled: the run may go on in pending
@@ -491,6 +537,11 @@ class ReorderBuffer:
         if len(pending) > self.largest_depth:
             self.largest_depth = len(pending)
         return released
+
+    def take_unnumbered(self) -> list:
+        """The events push_slice() set aside for their SEQ of 0, if any."""
+        unnumbered, self._unnumbered = self._unnumbered, []
+        return unnumbered
 
     def advance_to(self, seq: int) -> None:
         """Everything below seq was handled elsewhere (a log being replayed):
@@ -640,6 +691,11 @@ class Exchange:
         self.follow_count = 0
         self.follows_refused = 0
         self.routes: dict[int, list] = {}  # connected user id -> its subscribers
+        # The keys of routes again, as a set: follows and unfollows test
+        # whether their follower is connected, and a set's test reads one
+        # table where a dict's reads two (1.05x on the 1,000-of-10,000-users
+        # core benchmark). subscribe() and unsubscribe() keep the two equal.
+        self.route_keys: set[int] = set()
         self.subscribers: dict[object, None] = {}  # every registered subscriber
         self.touched: set = set()  # subscribers with lines since the last take_output
         self.notifications = 0
@@ -652,6 +708,7 @@ class Exchange:
         same_user = self.routes.get(user_id)
         if same_user is None:
             same_user = self.routes[user_id] = []
+            self.route_keys.add(user_id)
             for followed in self.following.get(user_id, ()):
                 self._watch(followed, user_id)
         same_user.append(subscriber)
@@ -666,6 +723,7 @@ class Exchange:
             same_user.remove(subscriber)
             if not same_user:
                 del self.routes[user_id]
+                self.route_keys.discard(user_id)
                 for followed in self.following.get(user_id, ()):
                     self._unwatch(followed, user_id)
         self.touched.discard(subscriber)
@@ -713,7 +771,9 @@ class Exchange:
         following = self.following
         watchers = self.watchers
         routes = self.routes
+        connected = self.route_keys
         touch = self.touched.add
+        follow_count, max_follows = self.follow_count, self.max_follows
         delivered = 0
         fanout_bytes = self.queued_fanout
         if budget is None:
@@ -728,12 +788,12 @@ class Exchange:
                     from_user = int(split_line[2])
                     followed = following.get(from_user)
                     if followed is None or to_user not in followed:
-                        if self.follow_count < self.max_follows:
+                        if follow_count < max_follows:
                             if followed is None:
                                 followed = following[from_user] = set()
                             followed.add(to_user)
-                            self.follow_count += 1
-                            if from_user in routes:
+                            follow_count += 1
+                            if from_user in connected:
                                 self._watch(to_user, from_user)
                         else:
                             # Refused before any set is made: a refused follow
@@ -768,10 +828,10 @@ class Exchange:
                     to_user = int(split_line[3])
                     if to_user in followed:
                         followed.remove(to_user)
-                        self.follow_count -= 1
+                        follow_count -= 1
                         if not followed:
                             del following[from_user]
-                        if from_user in routes:
+                        if from_user in connected:
                             self._unwatch(to_user, from_user)
             elif kind in BROADCAST_FIELDS:
                 raw = b"|".join(split_line)
@@ -784,6 +844,7 @@ class Exchange:
                 if fanout_bytes > budget:
                     held = list(remaining)
                     break
+        self.follow_count = follow_count
         self.notifications += delivered
         self.dispatched += len(events) - len(held)
         self.queued_fanout = fanout_bytes
@@ -807,6 +868,20 @@ class Exchange:
                 lines.append(b"")
                 output.append((subscriber, b"\n".join(lines), count))
         return output
+
+    def follow_graph(self) -> Iterator[tuple[int, set[int]]]:
+        """(follower, the users it follows) for every follower: for snapshots.
+        The sets are the exchange's own; read them before the next event."""
+        return iter(self.following.items())
+
+    def replace_follow_graph(self, following: dict[int, set[int]]) -> None:
+        """Start from another follow graph (a snapshot), connected users kept."""
+        self.following = following
+        self.follow_count = sum(map(len, following.values()))
+        self.watchers = {}
+        for follower in self.routes:
+            for followed in following.get(follower, ()):
+                self._watch(followed, follower)
 
     def followers_of(self, user_id: int) -> set[int]:
         """Every follower of user_id, connected or not (a full walk: for tests)."""
@@ -836,7 +911,12 @@ class EventPipeline:
         self._backlog: list[bytes] = []  # lines received, not yet dispatched
         self._backlog_plain = True  # is_plain_event_text held for every one
         self._position = 0  # the backlog's first line not yet dispatched
+        self._backlog_ordered = False  # the backlog came from a log: no reordering
         self._held: list = []  # in-order events the exchange held back (see dispatch)
+        # Called as on_release(events, last_seq) with each run the reorder
+        # buffer releases, in order (NO_OP for a consumed malformed SEQ):
+        # the seam a durable log appends from.
+        self.on_release: Callable[[list, int], None] | None = None
         self._overlong_logged = 0
         self._skipped_logged = 0
 
@@ -845,25 +925,47 @@ class EventPipeline:
         return self.splitter.overlong
 
     @property
+    def holding(self) -> bool:
+        """Events released by the reorder buffer wait, held back by the
+        fan-out budget, for the next dispatch()."""
+        return bool(self._held)
+
+    @property
     def backlog(self) -> int:
         """Lines received and not yet dispatched."""
         return len(self._backlog) - self._position
 
     def receive(self, data: bytes) -> None:
+        """Bytes from the event source: any order, any cut."""
         lines, plain = self.splitter.split(data)
         if self.splitter.overlong != self._overlong_logged:
             self._overlong_logged = self.splitter.overlong
             self.problems.warning(
                 "overlong", "event line longer than --max-line=%d bytes discarded (%d so far)",
                 self.splitter.max_line, self._overlong_logged)
+        self._queue(lines, plain, ordered=False)
+
+    def receive_ordered(self, text: bytes, last_seq: int) -> None:
+        """Whole lines already in sequence order, up to last_seq (a log's
+        entry): they skip the reorder buffer, which goes on from last_seq + 1.
+        A pipeline reads either a source or a log at a time, never both."""
+        lines = text.split(b"\n")
+        lines.pop()  # text ends with b"\n"
+        self._queue(lines, is_plain_event_text(text), ordered=True)
+        self.reorder.advance_to(last_seq + 1)
+
+    def _queue(self, lines: list[bytes], plain: bool, ordered: bool) -> None:
         if not lines:
             return
         if self._position < len(self._backlog):
+            if ordered != self._backlog_ordered:
+                raise RuntimeError("a pipeline reads a source or a log, not both at once")
             self._backlog = self._backlog[self._position:] + lines
             self._backlog_plain = self._backlog_plain and plain
         else:
             self._backlog = lines
             self._backlog_plain = plain
+            self._backlog_ordered = ordered
         self._position = 0
 
     def end_of_stream(self) -> None:
@@ -894,7 +996,9 @@ class EventPipeline:
                 if end == len(self._backlog):
                     self._backlog = []
                     self._position = 0
-                if self._backlog_plain:
+                if self._backlog_ordered:
+                    self._dispatch_ordered(lines, self._backlog_plain)
+                elif self._backlog_plain:
                     self._dispatch_plain(lines)
                 else:
                     self._dispatch_strictly(lines)
@@ -928,34 +1032,35 @@ class EventPipeline:
 
         This loop runs once per event, so each bytecode in it is paid millions
         of times a second: a line is split and its type and field count
-        checked; the slice's SEQs are then parsed by C-level map() calls, and
-        the slice goes to the reorder buffer at once. Any other line (empty,
-        malformed) goes through the strict parser, after the events before
-        it, so the counters see what the strict path would.
+        checked, and the slice goes to the reorder buffer at once, which
+        parses the SEQs as it places them. Any other line (empty, malformed)
+        goes through the strict parser, after the events before it, so the
+        counters see what the strict path would.
         """
         field_counts = WIRE_FIELD_COUNTS
-        seqs: list[int] = []
         events: list = []
         for line in lines:
             event = line.split(b"|")
             try:
                 if field_counts[event[1]] == len(event):
-                    seq = int(event[0])  # plain text: int() takes it
-                    if seq:  # SEQ 0 is no sequence number: the strict parser says so
-                        seqs.append(seq)
-                        events.append(event)
-                        continue
+                    events.append(event)
+                    continue
             except (KeyError, IndexError):
                 pass
             if line and line != b"\r":  # an empty line is no event
-                self._push_plain(seqs, events)
-                seqs, events = [], []
+                self._push_plain(events)
+                events = []
                 self._dispatch_strictly((line,))
-        self._push_plain(seqs, events)
+        self._push_plain(events)
 
-    def _push_plain(self, seqs: list[int], events: list) -> None:
-        self.events_in += len(events)
-        self._apply(self.reorder.push_slice(seqs, events))
+    def _push_plain(self, events: list) -> None:
+        reorder = self.reorder
+        ready = reorder.push_slice(events)
+        unnumbered = reorder.take_unnumbered()
+        self.events_in += len(events) - len(unnumbered)
+        self._release(ready)
+        if unnumbered:  # SEQ 0: the strict parser words and counts it
+            self._dispatch_strictly([b"|".join(event) for event in unnumbered])
 
     def _dispatch_strictly(self, lines) -> None:
         """Every line through parse_event and the reorder buffer, one by one."""
@@ -964,7 +1069,35 @@ class EventPipeline:
             seq, event = self._parse_strictly(line)
             if event is not None:
                 self.events_in += 1
-                self._apply(reorder.push(seq, event))
+                self._release(reorder.push(seq, event))
+
+    def _release(self, ready: list) -> None:
+        if ready:
+            if self.on_release is not None:
+                self.on_release(ready, self.reorder.next_seq - 1)
+            self._apply(ready)
+
+    def _dispatch_ordered(self, lines: list[bytes], plain: bool) -> None:
+        """Lines from a log, in order already: checked as strictly as the
+        source's (a foreign or damaged line is dropped and logged), then
+        applied."""
+        field_counts = WIRE_FIELD_COUNTS
+        events = []
+        for line in lines:
+            event = line.split(b"|")
+            if plain and len(event) > 1 and field_counts.get(event[1]) == len(event):
+                events.append(event)
+                continue
+            try:
+                parse_event(line)
+            except MalformedLine as problem:
+                self.malformed += 1
+                self.problems.warning("malformed", "line from the log dropped: %s",
+                                      problem.reason)
+                continue
+            events.append(event)
+        self.events_in += len(events)
+        self._apply(events)
 
     def _parse_strictly(self, line: bytes) -> tuple:
         """One line through parse_event, with exact errors for the log.
@@ -1373,6 +1506,9 @@ class PortError(OSError):
         super().__init__(error.errno, message)
         self.message = message
 
+    def __str__(self) -> str:
+        return self.message
+
 
 # ============================================================================
 # Reactor
@@ -1398,7 +1534,8 @@ class Reactor:
         self._wakeup_reader, self._wakeup_writer = socket.socketpair()
         self._wakeup_reader.setblocking(False)
         self._wakeup_writer.setblocking(False)
-        self._calls: deque[Callable[[], object]] = deque()
+        self._calls: deque[Callable[[], object]] = deque()  # from other threads
+        self._soon: deque[Callable[[], object]] = deque()  # from the loop itself
         self._timers: list[list] = []  # [next due, interval, callback]
         self.watch(self._wakeup_reader, self._on_wakeup, selectors.EVENT_READ)
 
@@ -1423,8 +1560,9 @@ class Reactor:
         self._timers.append([0.0, interval, callback])
 
     def run_once(self) -> None:
-        """Run due timers, wait for readiness (no longer than the next timer),
-        and call each ready socket's handler."""
+        """Run due timers, wait for readiness (no longer than the next timer,
+        and not at all while calls are due), call each ready socket's
+        handler, then the calls made soon."""
         now = time.monotonic()
         next_due = now + HOUSEKEEPING_INTERVAL
         for timer in self._timers:
@@ -1432,8 +1570,16 @@ class Reactor:
                 timer[0] = now + timer[1]
                 timer[2](now)
             next_due = min(next_due, timer[0])
-        for key, mask in self.selector.select(max(0.0, next_due - time.monotonic())):
+        timeout = 0.0 if self._soon else max(0.0, next_due - time.monotonic())
+        for key, mask in self.selector.select(timeout):
             key.data(mask)
+        for _ in range(len(self._soon)):
+            self._soon.popleft()()
+
+    def call_soon(self, function: Callable[[], object]) -> None:
+        """Run function() after this iteration's handlers; loop thread only
+        (work cut into steps, so the loop serves sockets in between)."""
+        self._soon.append(function)
 
     def call_in_loop(self, function: Callable[[], object]) -> None:
         """Run function() on the loop's thread soon; safe from any thread."""
@@ -1486,11 +1632,13 @@ class Broker:
         self.client_listener: Listener | None = None
         self.source: SourceConnection | None = None
         self.source_connections = 0
-        self.source_paused = False  # by backpressure (--max-buffered)
+        self.source_paused = False  # by backpressure (--max-buffered, or the log's)
+        self._paused_by_clients = False  # ... and by the clients' queues
         self.accept_errors = 0
         self.clients: dict[ClientConnection, None] = {}  # every client connection
         self.awaiting_hello: dict[ClientConnection, None] = {}
         self.totals = WriteTotals()
+        self.log: LogAppender | LogFollower | None = None  # see open()
         self.closes = CloseLedger()
         self.rates = RateMeter()
         self.started_at = time.monotonic()
@@ -1506,12 +1654,23 @@ class Broker:
 
     # -- lifecycle -----------------------------------------------------------
 
+    def open(self) -> None:
+        """Recover from the log, if there is one, then listen: the ports open
+        only once the state is back. LogError or PortError say what failed."""
+        if self.config.log and self.log is None:
+            self._recover_from_log()
+        self.bind()
+        if self.log is not None:
+            self.log.start()
+
     def bind(self) -> None:
-        """Open both listeners; PortError names the port that failed."""
+        """Open the listeners (an edge has no event port); PortError names
+        the port that failed."""
         config = self.config
-        self.event_listener = Listener(config.host, config.event_port, self.reactor,
-                                       self._on_source_accepted, self._count_accept_error,
-                                       self.problems, keeps_spare=True)
+        if not config.edge:
+            self.event_listener = Listener(config.host, config.event_port, self.reactor,
+                                           self._on_source_accepted, self._count_accept_error,
+                                           self.problems, keeps_spare=True)
         try:
             self.client_listener = Listener(config.host, config.client_port, self.reactor,
                                             self._on_client_accepted, self._count_accept_error,
@@ -1519,8 +1678,39 @@ class Broker:
         except PortError:
             self._close_listeners()
             raise
-        log.info("listening events=%s:%d clients=%s:%d", config.host, self.event_port,
-                 config.host, self.client_port)
+        if config.edge:
+            log.info("listening clients=%s:%d as an edge of the log %s at %s", config.host,
+                     self.client_port, config.log_key, masked(config.log))
+        else:
+            log.info("listening events=%s:%d clients=%s:%d", config.host, self.event_port,
+                     config.host, self.client_port)
+
+    def _recover_from_log(self) -> None:
+        config = self.config
+        client = connect_to_log(config.log, LOG_SOCKET_TIMEOUT)
+        try:
+            recovery = recover_from_log(client, config.log_key, self.pipeline)
+        except LogError as problem:
+            raise LogError(f"cannot recover from the log {config.log_key} at "
+                           f"{masked(config.log)}: {problem}") from None
+        except Exception as error:  # the connection failed halfway
+            raise LogError(f"cannot recover from the log {config.log_key} at "
+                           f"{masked(config.log)}: {_log_problem(error, config.log)}") from None
+        finally:
+            client.close()
+        log.info("recovered from the log %s in %.3f s: %s%d entries (%d skipped); %d follows; "
+                 "next expected sequence number %d", config.log_key, recovery.seconds,
+                 "none yet; " if recovery.snapshot_seq is None and not recovery.entries else
+                 f"the snapshot at {recovery.snapshot_seq} and " if recovery.snapshot_seq
+                 else "", recovery.entries, recovery.entries_skipped,
+                 self.exchange.follow_count, self.pipeline.reorder.next_seq)
+        if config.edge:
+            self.log = LogFollower(config.log, config.log_key, self.reactor, recovery,
+                                   self._apply_log_entries)
+        else:
+            self.log = LogAppender(config.log, config.log_key, config.snapshot_every,
+                                   self.reactor, recovery)
+            self.pipeline.on_release = self.log.record
 
     @property
     def event_port(self) -> int:
@@ -1573,8 +1763,8 @@ class Broker:
         return result.result(timeout)
 
     def serve_forever(self) -> None:
-        if self.event_listener is None:
-            self.bind()
+        if self.client_listener is None:
+            self.open()
         self.running = True
         try:
             while not (self.stopping and self._drain_step()):
@@ -1595,6 +1785,8 @@ class Broker:
             self._close_listeners()
             if self.source is not None:
                 self.source.close(CloseReason.SHUTDOWN)
+            if self.config.edge and self.log is not None:
+                self.log.read_when_ready(False)  # an edge's input is the log
             for connection in list(self.awaiting_hello):
                 connection.close(CloseReason.SHUTDOWN)
         if not self.totals.backlogged:
@@ -1615,6 +1807,9 @@ class Broker:
         self._close_listeners()
         if self.source is not None:
             self.source.close(CloseReason.SHUTDOWN)
+        if self.log is not None:
+            # What the primary dispatched goes to the log before it exits.
+            self.log.stop(max(self.config.drain_timeout, 1.0))
         for connection in list(self.clients):
             connection.close(CloseReason.SHUTDOWN)
         if self._handles_signals:
@@ -1642,34 +1837,68 @@ class Broker:
         self._dispatch()
 
     def _dispatch(self) -> None:
-        if not self.pipeline.dispatch(self._deliver):
+        proceed = self.pipeline.dispatch(self._deliver)
+        if self.log is not None and self.log.snapshot_due() and not self.pipeline.holding:
+            # Every released event is applied: the graph stands at a SEQ, and
+            # must stand still while it is written.
+            self.log.start_snapshot(self.exchange, self._maybe_resume_source)
+            self._pause_source()
+        elif not proceed:
             self._pause_source()
 
     def _deliver(self, output: Output) -> bool:
-        """The pipeline's deliver(): write, then say whether to go on."""
+        """The pipeline's deliver(): write, end the log's entry, then say
+        whether to go on."""
         write_output(output)
+        if self.log is not None:
+            self.log.cut()
+            if not self.log.may_continue():
+                return False
         return self.totals.queued_bytes <= self.config.max_buffered
+
+    def _input(self) -> SourceConnection | LogFollower | None:
+        """Where events come from: the event source, or an edge's log."""
+        return self.log if self.config.edge else self.source
 
     def _pause_source(self) -> None:
         if self.source_paused:
             return
         self.source_paused = True
-        log.warning("backpressure: %d bytes queued toward clients (--max-buffered=%d); "
-                    "pausing the event source", self.totals.queued_bytes,
-                    self.config.max_buffered)
-        if self.source is not None:
-            self.source.read_when_ready(False)
+        self._paused_by_clients = self.totals.queued_bytes > self.config.max_buffered
+        if self._paused_by_clients:
+            log.warning("backpressure: %d bytes queued toward clients (--max-buffered=%d); "
+                        "pausing the event source", self.totals.queued_bytes,
+                        self.config.max_buffered)
+        else:
+            log.debug("pausing the event source while the log catches up")
+        if self._input() is not None:
+            self._input().read_when_ready(False)
 
     def _maybe_resume_source(self) -> None:
         if not self.source_paused or self.stopping or \
-                self.totals.queued_bytes > self.config.max_buffered // 2:
+                self.totals.queued_bytes > self.config.max_buffered // 2 or \
+                self.log is not None and not self.log.may_resume():
             return  # a drain delivers what was dispatched; nothing more is dispatched
         self.source_paused = False
-        log.info("backpressure relieved: %d bytes queued; resuming the event source",
-                 self.totals.queued_bytes)
+        log.log(logging.INFO if self._paused_by_clients else logging.DEBUG,
+                "backpressure relieved: %d bytes queued; resuming the event source",
+                self.totals.queued_bytes)
         self._dispatch()
-        if not self.source_paused and self.source is not None:
-            self.source.read_when_ready(True)
+        if not self.source_paused and self._input() is not None:
+            self._input().read_when_ready(True)
+
+    def _apply_log_entries(self, entries: list[LogEntry], reload: tuple | None) -> None:
+        """An edge's input: entries from the log, in order (after a reload
+        from a snapshot, when it fell behind the trimmed part)."""
+        if reload is not None:
+            seq, graph, _missed_from = reload
+            self.exchange.replace_follow_graph(graph)
+            self.pipeline.reorder.advance_to(seq + 1)
+        for entry in entries:
+            self.pipeline.receive_ordered(entry.text, entry.last)
+        self._dispatch()
+        if not self.source_paused and not self.stopping:
+            self.log.read_when_ready(True)
 
     def _on_source_closed(self, source: SourceConnection, reason: CloseReason,
                           detail: str) -> None:
@@ -1798,6 +2027,7 @@ class Broker:
             follows=exchange.follow_count,
             bytes_queued=self.totals.queued_bytes,
             rates=self.rates.per_second(),
+            log=self.log.stats() if self.log is not None else None,
             counters=Counters(
                 malformed=pipeline.malformed,
                 unsequenced=pipeline.unsequenced,
@@ -1820,6 +2050,625 @@ class Broker:
                 for c in connections),
             recently_closed=self.closes.recent(),
         )
+
+
+# ============================================================================
+# Log
+#
+# Rules: the durable log is a Redis stream, spoken to through redis-py
+# (imported only when --log asks for it), and only this section knows it.
+# Redis is used from this section's own threads alone: the loop hands work
+# over through a queue and takes results back through call_in_loop, so it
+# never waits for Redis. The primary appends what its reorder buffer
+# releases, in order, one entry per flush, each with the id <last SEQ>-0:
+# Redis refuses an id it already holds, so an append retried after a lost
+# reply or a restart never adds an entry twice. Every --snapshot-every
+# events the primary writes the follow graph with the SEQ it covers, built
+# on the loop a step at a time while dispatch waits, and trims the entries
+# older than the snapshot before it. Recovery, on either role, is the latest
+# snapshot plus the entries after it, fed to the pipeline as ordered events.
+# A URL's password is masked wherever the URL is shown.
+# ============================================================================
+
+
+class LogError(Exception):
+    """The log cannot be used as it is: one line for the operator."""
+
+
+def masked(url: str) -> str:
+    """url with its password, if any, replaced by ***."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _log_problem(error: BaseException, url: str) -> str:
+    """An error's text for the operator, never with the URL's password."""
+    text = f"{error}" or type(error).__name__
+    password = urllib.parse.urlsplit(url).password
+    return text.replace(password, "***") if password else text
+
+
+def _lost_connection(error: BaseException, url: str) -> str:
+    """What went wrong with the connection, naming the URL once."""
+    if isinstance(error, LogError):
+        return str(error)  # connect_to_log's, which names it
+    return f"connection to {masked(url)} lost: {_log_problem(error, url)}"
+
+
+def connect_to_log(url: str, timeout: float):
+    """A redis-py client for url that answered PING; LogError if none."""
+    try:
+        import redis
+    except ImportError:
+        raise LogError("--log needs the redis package: pip install 'mbroker[log]'") from None
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    try:
+        # No retries inside redis-py: a lost connection reaches this
+        # section's own reconnect loop, which backs off, logs and counts it.
+        client = redis.Redis.from_url(url, socket_timeout=timeout,
+                                      socket_connect_timeout=timeout,
+                                      retry=Retry(NoBackoff(), 0))
+        client.ping()
+    except (redis.RedisError, ValueError, OSError) as error:
+        raise LogError(f"cannot reach the log at {masked(url)}: "
+                       f"{_log_problem(error, url)}") from None
+    return client
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    """The errors after which a client reconnects (redis-py is imported by then)."""
+    import redis
+
+    return (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One stream entry: the events with SEQ in (after, last], in order.
+
+    Numbers in that range with no line were consumed as no-ops or declared
+    lost by the primary's reorder buffer; an edge skips them just the same.
+    """
+
+    after: int  # the previous entry's last SEQ
+    last: int  # the highest SEQ covered, and so the entry's id
+    text: bytes  # the event lines, each as the source sent it, plus b"\n"
+    written_at: float  # the primary's wall clock when it handed the entry over
+
+    @property
+    def entry_id(self) -> str:
+        return f"{self.last}-0"
+
+    def fields(self) -> dict[bytes, bytes]:
+        return {b"after": b"%d" % self.after, b"lines": self.text,
+                b"t": b"%.3f" % self.written_at}
+
+    @classmethod
+    def decode(cls, entry_id: bytes, fields: dict) -> LogEntry:
+        """LogError for anything that is not an entry mbroker wrote."""
+        number, _, sequence = entry_id.partition(b"-")
+        try:
+            entry = cls(int(fields[b"after"]), int(number), fields[b"lines"],
+                        float(fields[b"t"]))
+        except (KeyError, ValueError, TypeError):
+            names = b", ".join(sorted(fields)).decode(errors="replace")[:80]
+            raise LogError(f"entry {entry_id.decode(errors='replace')} is not an mbroker "
+                           f"entry (fields: {names})") from None
+        if sequence != b"0" or not 0 <= entry.after < entry.last or \
+                (entry.text and not entry.text.endswith(b"\n")):
+            raise LogError(f"entry {entry_id.decode(errors='replace')} is damaged")
+        return entry
+
+
+def snapshot_key(key: str) -> str:
+    return f"{key}:snapshot"
+
+
+class SnapshotBuilder:
+    """The follow graph as text, serialized SNAPSHOT_STEP followers at a time
+    on the loop, while dispatch waits so the graph stands still:
+
+        mbroker-snapshot 1 SEQ FOLLOWS
+        FOLLOWER FOLLOWED,FOLLOWED,...
+    """
+
+    def __init__(self, seq: int, graph: Iterator[tuple[int, set[int]]], follows: int):
+        self.seq = seq
+        self._graph = graph
+        self._parts = [b"%s %d %d\n" % (SNAPSHOT_FORMAT, seq, follows)]
+
+    def step(self) -> bool:
+        """Serialize the next followers; True once the whole graph is done."""
+        parts = self._parts
+        before = len(parts)
+        for follower, followed in itertools.islice(self._graph, SNAPSHOT_STEP):
+            parts.append(b"%d %s\n" % (follower, b",".join(map(b"%d".__mod__, followed))))
+        return len(parts) - before < SNAPSHOT_STEP
+
+    def text(self) -> bytes:
+        return b"".join(self._parts)
+
+
+def decode_snapshot(text: bytes) -> tuple[int, dict[int, set[int]]]:
+    """(the SEQ it covers, the follow graph); LogError if it is damaged."""
+    header, _, body = text.partition(b"\n")
+    fields_ = header.split(b" ")
+    try:
+        if b" ".join(fields_[:2]) != SNAPSHOT_FORMAT or len(fields_) != 4:
+            raise ValueError
+        seq, follows = int(fields_[2]), int(fields_[3])
+        graph: dict[int, set[int]] = {}
+        for line in body.split(b"\n"):
+            if line:
+                follower, _, followed = line.partition(b" ")
+                graph[int(follower)] = set(map(int, followed.split(b",")))
+    except ValueError:
+        raise LogError("the snapshot is damaged or not mbroker's") from None
+    if sum(map(len, graph.values())) != follows:
+        raise LogError("the snapshot is damaged: its follow count does not add up")
+    return seq, graph
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What a start-up rebuilt from the log."""
+
+    snapshot_seq: int | None
+    entries: int
+    last_seq: int
+    entries_skipped: int
+    seconds: float
+
+
+def recover_from_log(client, key: str, pipeline: EventPipeline) -> Recovery:
+    """Rebuild the follow graph and the next SEQ: the latest snapshot, then
+    every entry after it, through the pipeline's ordered path (nobody is
+    subscribed yet, so only the graph and the sequence state change)."""
+    started = time.monotonic()
+    snapshot_seq = None
+    text = client.get(snapshot_key(key))
+    last = 0
+    if text is not None:
+        snapshot_seq, graph = decode_snapshot(text)
+        pipeline.exchange.replace_follow_graph(graph)
+        pipeline.reorder.advance_to(snapshot_seq + 1)
+        last = snapshot_seq
+    entries = skipped = 0
+    start = "-"
+    while True:
+        batch = client.xrange(key, min=start, max="+", count=LOG_RECOVERY_BATCH)
+        if not batch:
+            break
+        for entry_id, fields_ in batch:
+            start = b"(" + entry_id
+            try:
+                entry = LogEntry.decode(entry_id, fields_)
+            except LogError as problem:
+                skipped += 1
+                log.error("log %s: %s; skipped", key, problem)
+                continue
+            if entry.last <= last:
+                continue  # already in the snapshot
+            if entry.after > last:
+                log.warning("log %s: sequence numbers %d..%d are missing (trimmed without a "
+                            "snapshot?); the follow graph lacks their follows", key,
+                            last + 1, entry.after)
+            pipeline.receive_ordered(entry.text, entry.last)
+            pipeline.dispatch()
+            last = entry.last
+            entries += 1
+    return Recovery(snapshot_seq, entries, last, skipped, time.monotonic() - started)
+
+
+class LogAppender:
+    """The primary's side of the log: the loop records what the reorder
+    buffer releases and cuts it into entries; a thread writes them, in
+    order, retrying (with backoff) until Redis has each one."""
+
+    def __init__(self, url: str, key: str, snapshot_every: int, reactor: Reactor,
+                 recovery: Recovery):
+        self.url, self.key, self.snapshot_every = url, key, snapshot_every
+        self.state = "connecting"
+        self.position = recovery.last_seq  # the last SEQ Redis holds
+        self.recovery = recovery
+        self.entries_written = 0
+        self.reconnects = 0
+        self.snapshots = 0
+        self.snapshot_seq = recovery.snapshot_seq
+        self.unwritten = 0  # events handed to the writer, not yet in Redis
+        self.failure: str | None = None  # set when appending cannot go on
+        self._reactor = reactor
+        self._after = self._last = recovery.last_seq
+        self._events: list = []  # released since the last cut
+        self._since_snapshot = 0
+        self._previous_snapshot = recovery.snapshot_seq
+        self._snapshot: SnapshotBuilder | None = None
+        self._on_snapshot_done: Callable[[], None] | None = None
+        self._work: queue.SimpleQueue = queue.SimpleQueue()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._write_forever, daemon=True,
+                                        name="mbroker-log-writer")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    # -- the loop's side -----------------------------------------------------
+
+    def record(self, events: list, last_seq: int) -> None:
+        """EventPipeline.on_release: the run just released, in order."""
+        self._events += events
+        self._last = last_seq
+
+    def cut(self) -> None:
+        """End the current entry and hand it to the writer (at each flush)."""
+        if self._last == self._after:
+            return
+        if self._last >= LOG_ENTRY_ID_LIMIT and self.failure is None:
+            self.failure = (f"sequence number {self._last} is past what a Redis stream id "
+                            f"holds ({LOG_ENTRY_ID_LIMIT - 1}); nothing more can be logged")
+            log.error("log %s: %s; the event source stays paused", self.key, self.failure)
+        if self.failure is not None:
+            return  # kept back; the source is paused (may_continue)
+        events, self._events = self._events, []
+        self._work.put((self._after, self._last, events, time.time()))
+        self.unwritten += len(events)
+        self._since_snapshot += self._last - self._after
+        self._after = self._last
+
+    def may_continue(self) -> bool:
+        """Whether the loop may dispatch more (deliver's answer): not while
+        the writer is far behind, nor once a snapshot is due."""
+        return self.unwritten <= LOG_MAX_UNWRITTEN and self.failure is None and \
+            self._snapshot is None and not self.snapshot_due()
+
+    def may_resume(self) -> bool:
+        return self.unwritten <= LOG_MAX_UNWRITTEN // 2 and self.failure is None and \
+            self._snapshot is None
+
+    def snapshot_due(self) -> bool:
+        return self._since_snapshot >= self.snapshot_every and self._snapshot is None and \
+            self.failure is None
+
+    def start_snapshot(self, exchange: Exchange, on_done: Callable[[], None]) -> None:
+        """Serialize the follow graph as it stands, a step per loop iteration;
+        the caller dispatches nothing until on_done() is called."""
+        self.cut()
+        self._since_snapshot = 0
+        self._snapshot = SnapshotBuilder(self._after, exchange.follow_graph(),
+                                         exchange.follow_count)
+        self._on_snapshot_done = on_done
+        self._reactor.call_soon(self._snapshot_step)
+
+    def _snapshot_step(self) -> None:
+        if not self._snapshot.step():
+            self._reactor.call_soon(self._snapshot_step)
+            return
+        snapshot, self._snapshot = self._snapshot, None
+        # Trim to the snapshot before this one, not to this one: an edge
+        # less than one interval behind then reads on instead of reloading.
+        trim_below = self._previous_snapshot
+        self._previous_snapshot = snapshot.seq
+        self._work.put(("snapshot", snapshot.seq, snapshot.text(), trim_below))
+        self._on_snapshot_done()
+
+    def stop(self, timeout: float) -> None:
+        """Write what was handed over (up to timeout), then end the thread."""
+        self.cut()
+        self._work.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self._stopping.set()
+        if self._thread.is_alive() or self.unwritten:
+            log.warning("log %s: %d events were not written before exit (up to sequence "
+                        "number %d is in the log)", self.key, self.unwritten, self.position)
+
+    def stats(self) -> LogStats:
+        return LogStats(role="primary", url=masked(self.url), key=self.key, state=self.state,
+                        position=self.position, primary_position=self._after,
+                        lag_seconds=0.0, unwritten=self.unwritten,
+                        entries=self.entries_written,
+                        entries_skipped=self.recovery.entries_skipped,
+                        reconnects=self.reconnects, snapshots=self.snapshots,
+                        snapshot_seq=self.snapshot_seq, missed=0,
+                        recovery_seconds=self.recovery.seconds, failure=self.failure)
+
+    def _written(self, last_seq: int, events: int) -> None:
+        self.position = last_seq
+        self.unwritten -= events
+        self.entries_written += 1
+
+    def _state_changed(self, state: str, failure: str | None = None) -> None:
+        if state == "reconnecting" and self.state != "reconnecting":
+            self.reconnects += 1
+        self.state = state
+        if failure is not None:
+            self.failure = failure
+
+    def _snapshot_written(self, seq: int) -> None:
+        self.snapshots += 1
+        self.snapshot_seq = seq
+
+    # -- the writer thread ---------------------------------------------------
+
+    def _write_forever(self) -> None:
+        call = self._reactor.call_in_loop
+        client = None
+        delay = LOG_RETRY_FIRST
+        pending: deque = deque()  # taken from the queue, not yet in Redis
+        stop_seen = False
+        while pending or not stop_seen:
+            while len(pending) < LOG_WRITE_BATCH and not stop_seen:
+                try:
+                    item = self._work.get(block=not pending)
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop_seen = True
+                elif item[0] == "snapshot":
+                    pending.append(item)
+                else:  # the lines are joined here, off the loop
+                    after, last, events, written_at = item
+                    text = b"".join(b"|".join(event) + b"\n" for event in events
+                                    if event is not NO_OP)
+                    pending.append(("entry", LogEntry(after, last, text, written_at),
+                                    len(events)))
+            if not pending:
+                break
+            try:
+                if client is None:
+                    client = connect_to_log(self.url, LOG_SOCKET_TIMEOUT)
+                    call(partial(self._state_changed, "connected"))
+                    log.info("log %s at %s: connected", self.key, masked(self.url))
+                self._write(client, pending)
+                delay = LOG_RETRY_FIRST
+            except Exception as error:
+                if client is not None and not isinstance(error, _connection_errors()):
+                    failure = _log_problem(error, self.url)
+                    call(partial(self._state_changed, "failed", failure))
+                    log.error("log %s: %s; the event source stays paused", self.key, failure)
+                    return
+                client = None
+                call(partial(self._state_changed, "reconnecting"))
+                log.warning("log %s: %s; retrying in %.1f s", self.key,
+                            _lost_connection(error, self.url), delay)
+                if self._stopping.wait(delay):
+                    return
+                delay = min(delay * 2, LOG_RETRY_MAX)
+
+    def _write(self, client, pending: deque) -> None:
+        """Write pending items in order, removing each once Redis has it."""
+        call = self._reactor.call_in_loop
+        while pending:
+            if pending[0][0] == "snapshot":
+                _, seq, text, trim_below = pending[0]
+                with client.pipeline(transaction=True) as commands:
+                    commands.set(snapshot_key(self.key), text)
+                    if trim_below is not None:
+                        commands.xtrim(self.key, minid=f"{trim_below + 1}-0", approximate=False)
+                    commands.execute()
+                pending.popleft()
+                call(partial(self._snapshot_written, seq))
+                continue
+            batch = list(itertools.takewhile(lambda item: item[0] == "entry",
+                                             itertools.islice(pending, LOG_WRITE_BATCH)))
+            self._append(client, [entry for _, entry, _ in batch])
+            for _ in batch:
+                _, entry, events = pending.popleft()
+                call(partial(self._written, entry.last, events))
+
+    def _append(self, client, entries: list[LogEntry]) -> None:
+        with client.pipeline(transaction=False) as commands:
+            for entry in entries:
+                commands.xadd(self.key, entry.fields(), id=entry.entry_id)
+            results = commands.execute(raise_on_error=False)
+        for entry, result in zip(entries, results, strict=True):
+            if isinstance(result, Exception):
+                if isinstance(result, _connection_errors()):
+                    raise result
+                self._check_written_before(client, entry, result)
+
+    def _check_written_before(self, client, entry: LogEntry, refusal: Exception) -> None:
+        """Redis refused an entry: fine if it is ours, appended by an earlier
+        try whose reply was lost; anything else stops the appending."""
+        found = client.xrange(self.key, entry.entry_id, entry.entry_id)
+        if found:
+            try:
+                if LogEntry.decode(*found[0]).after == entry.after:
+                    log.info("log %s: entry %s was in the log already (the reply to an "
+                             "earlier try was lost); not appended again", self.key,
+                             entry.entry_id)
+                    return
+            except LogError:
+                pass
+        newest = client.xrevrange(self.key, count=1)
+        newest_id = newest[0][0].decode(errors="replace") if newest else "none"
+        raise LogError(f"cannot append entry {entry.entry_id} ({refusal}); the stream's newest "
+                       f"entry is {newest_id}: is another primary writing to {self.key}?")
+
+
+class LogFollower:
+    """An edge's side of the log: a thread reads the stream with a blocking
+    XREAD on its own connection and hands the loop one batch of entries at
+    a time; it reads the next batch only once the loop has dispatched the
+    last one and is not paused, so clients that fall behind slow the edge,
+    never its memory. An edge that finds entries trimmed away (it fell more
+    than a snapshot interval behind) reloads from the latest snapshot."""
+
+    def __init__(self, url: str, key: str, reactor: Reactor, recovery: Recovery,
+                 apply: Callable[[list[LogEntry], tuple | None], None]):
+        self.url, self.key = url, key
+        self.state = "connecting"
+        self.recovery = recovery
+        self.position = recovery.last_seq  # the last SEQ applied
+        self.primary_position = recovery.last_seq  # the newest SEQ in the stream, last seen
+        self.lag_seconds = 0.0  # how late the last entry was applied
+        self.entries_read = 0
+        self.entries_skipped = recovery.entries_skipped
+        self.reconnects = 0
+        self.missed = 0  # SEQ numbers skipped over by reloading from a snapshot
+        self.snapshot_seq = recovery.snapshot_seq
+        self._reactor = reactor
+        self._apply = apply
+        self._cursor = f"{recovery.last_seq}-0"  # the thread's: the last id read
+        self._read_up_to = recovery.last_seq  # the thread's: the last SEQ read
+        self._may_read = threading.Event()
+        self._may_read.set()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._read_forever, daemon=True,
+                                        name="mbroker-log-reader")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def read_when_ready(self, reading: bool) -> None:
+        """Let the thread read the next batch (reading) or hold it back."""
+        if reading:
+            self._may_read.set()
+        else:
+            self._may_read.clear()
+
+    # An edge's flow control is read_when_ready(): it writes no entries and
+    # takes no snapshots, so these have nothing to do.
+    def cut(self) -> None:
+        pass
+
+    def may_continue(self) -> bool:
+        return True
+
+    def may_resume(self) -> bool:
+        return True
+
+    def snapshot_due(self) -> bool:
+        return False
+
+    def stats(self) -> LogStats:
+        return LogStats(role="edge", url=masked(self.url), key=self.key, state=self.state,
+                        position=self.position, primary_position=self.primary_position,
+                        lag_seconds=self.lag_seconds, unwritten=0, entries=self.entries_read,
+                        entries_skipped=self.entries_skipped, reconnects=self.reconnects,
+                        snapshots=0, snapshot_seq=self.snapshot_seq, missed=self.missed,
+                        recovery_seconds=self.recovery.seconds, failure=None)
+
+    def stop(self, timeout: float) -> None:
+        self._stopping.set()
+        self._may_read.set()
+        self._thread.join(timeout)
+
+    # -- the loop's side -----------------------------------------------------
+
+    def _hand_over(self, entries: list[LogEntry], reload: tuple | None, skipped: int,
+                   primary_position: int) -> None:
+        self.entries_skipped += skipped
+        if reload is not None:
+            seq, _graph, missed_from = reload
+            self.missed += seq - missed_from + 1
+            self.snapshot_seq = seq
+            log.warning("log %s: this edge fell behind the trimmed log; sequence numbers "
+                        "%d..%d were missed by its clients (%d numbers); reloaded the follow "
+                        "graph from the snapshot at %d", self.key, missed_from, seq,
+                        seq - missed_from + 1, seq)
+            self.position = seq
+        self._apply(entries, reload)
+        if entries:
+            self.position = entries[-1].last
+            self.lag_seconds = max(time.time() - entries[-1].written_at, 0.0)
+            self.entries_read += len(entries)
+        self.primary_position = max(primary_position, self.position)
+
+    def _state_changed(self, state: str) -> None:
+        if state == "reconnecting" and self.state != "reconnecting":
+            self.reconnects += 1
+        self.state = state
+
+    # -- the reader thread ---------------------------------------------------
+
+    def _read_forever(self) -> None:
+        call = self._reactor.call_in_loop
+        client = None
+        delay = LOG_RETRY_FIRST
+        while not self._stopping.is_set():
+            if not self._may_read.wait(LOG_READ_BLOCK) or self._stopping.is_set():
+                continue
+            try:
+                if client is None:
+                    client = connect_to_log(self.url, LOG_READ_BLOCK + LOG_SOCKET_TIMEOUT)
+                    call(partial(self._state_changed, "connected"))
+                    log.info("log %s at %s: connected; reading after sequence number %d",
+                             self.key, masked(self.url), self._read_up_to)
+                batch = self._read(client)
+                delay = LOG_RETRY_FIRST
+            except Exception as error:
+                if client is not None and not isinstance(error, _connection_errors()):
+                    log.error("log %s: %s; reading again in %.1f s", self.key,
+                              _log_problem(error, self.url), delay)
+                else:
+                    call(partial(self._state_changed, "reconnecting"))
+                    log.warning("log %s: %s; retrying in %.1f s", self.key,
+                                _lost_connection(error, self.url), delay)
+                client = None
+                if self._stopping.wait(delay):
+                    return
+                delay = min(delay * 2, LOG_RETRY_MAX)
+                continue
+            if batch is not None:
+                self._may_read.clear()  # the loop sets it again once it has dispatched
+                call(partial(self._hand_over, *batch))
+
+    def _read(self, client) -> tuple | None:
+        """The next batch, as _hand_over's arguments; None if nothing came.
+        The thread's position moves only once the whole batch is read: a
+        connection lost halfway reads the same entries again."""
+        reply = client.xread({self.key: self._cursor}, count=LOG_READ_BATCH,
+                             block=int(LOG_READ_BLOCK * 1000))
+        if not reply:
+            return None
+        cursor, read_up_to = self._cursor, self._read_up_to
+        entries, skipped, reload = [], 0, None
+        for entry_id, fields_ in reply[0][1]:
+            cursor = entry_id
+            try:
+                entry = LogEntry.decode(entry_id, fields_)
+            except LogError as problem:
+                skipped += 1
+                log.error("log %s: %s; skipped", self.key, problem)
+                continue
+            if entry.last <= read_up_to:
+                continue
+            if entry.after > read_up_to and not entries:
+                # Entries between were trimmed: start again from the snapshot.
+                reload, reloaded, cursor = self._reload(client, read_up_to)
+                if reload is not None:
+                    entries = reloaded
+                    read_up_to = entries[-1].last if entries else reload[0]
+                    break
+            entries.append(entry)
+            read_up_to = entry.last
+        newest = client.xrevrange(self.key, count=1)
+        primary_position = int(newest[0][0].partition(b"-")[0]) if newest else 0
+        self._cursor, self._read_up_to = cursor, read_up_to
+        return entries, reload, skipped, primary_position
+
+    def _reload(self, client, read_up_to: int) -> tuple[tuple | None, list[LogEntry], str]:
+        """((snapshot SEQ, graph, first missed SEQ), the entries after it, the
+        cursor after them); (None, [], cursor) when there is no snapshot."""
+        text = client.get(snapshot_key(self.key))
+        if text is None:
+            return None, [], self._cursor
+        seq, graph = decode_snapshot(text)
+        entries, cursor = [], f"{seq}-0"
+        for entry_id, fields_ in client.xrange(self.key, min=f"({seq}-0", max="+"):
+            cursor = entry_id
+            try:
+                entries.append(LogEntry.decode(entry_id, fields_))
+            except LogError as problem:
+                log.error("log %s: %s; skipped", self.key, problem)
+        return (seq, graph, read_up_to + 1), entries, cursor
 
 
 # ============================================================================
@@ -1897,6 +2746,28 @@ class ClosedConnection:
 
 
 @dataclass(frozen=True)
+class LogStats:
+    """The durable log, as this broker sees it."""
+
+    role: str  # "primary" (appends) or "edge" (follows)
+    url: str  # password masked
+    key: str
+    state: str  # connecting, connected, reconnecting, failed
+    position: int  # primary: the last SEQ Redis holds; edge: the last SEQ applied
+    primary_position: int  # the newest SEQ in the log (primary: handed to its writer)
+    lag_seconds: float  # edge: how late its last entry was applied, by the primary's clock
+    unwritten: int  # primary: events handed to the writer, not yet in Redis
+    entries: int  # written (primary) or read (edge)
+    entries_skipped: int  # foreign or damaged entries
+    reconnects: int
+    snapshots: int  # written by this primary
+    snapshot_seq: int | None  # the SEQ the latest snapshot covers
+    missed: int  # edge: SEQ numbers its clients missed after it fell behind the trimmed log
+    recovery_seconds: float
+    failure: str | None  # why the primary stopped appending, if it did
+
+
+@dataclass(frozen=True)
 class BrokerStats:
     uptime: float
     started_at: float  # wall-clock time
@@ -1922,6 +2793,7 @@ class BrokerStats:
     limits: BrokerConfig
     top_clients: tuple[ClientStats, ...]  # deepest queues first
     recently_closed: tuple[ClosedConnection, ...]  # oldest first
+    log: LogStats | None = None  # with --log
 
 
 class CloseLedger:
@@ -1977,7 +2849,17 @@ def format_status_line(snapshot: BrokerStats) -> str:
             f"notifications={snapshot.notifications} clients={snapshot.clients} "
             f"queued_bytes={snapshot.bytes_queued} malformed={counters.malformed} "
             f"duplicate={counters.duplicate} skipped={counters.skipped} "
-            f"slow_consumers={counters.slow_consumers}")
+            f"slow_consumers={counters.slow_consumers}{_log_status(snapshot.log)}")
+
+
+def _log_status(log_stats: LogStats | None) -> str:
+    if log_stats is None:
+        return ""
+    text = (f" log={log_stats.role}:{log_stats.state} position={log_stats.position} "
+            f"newest={log_stats.primary_position}")
+    if log_stats.role == "edge":
+        return text + f" lag={log_stats.lag_seconds:.3f}s missed={log_stats.missed}"
+    return text + f" unwritten={log_stats.unwritten}"
 
 
 class StatusLinePrinter:
@@ -2136,6 +3018,25 @@ def _source_parts(snapshot: BrokerStats) -> list:
     return parts
 
 
+def _log_parts(log_stats: LogStats) -> list:
+    """The log's line: role, Redis connection, position and lag; trouble in colour."""
+    state_style = {"connected": "", "failed": "bold red"}.get(log_stats.state, "bold yellow")
+    parts = [f"{log_stats.role}  ", (log_stats.state, state_style),
+             f"  at {_count(log_stats.position)}"]
+    behind = log_stats.primary_position - log_stats.position
+    if log_stats.role == "edge":
+        parts.append(f"  {_count(behind)} behind  lag {log_stats.lag_seconds * 1000:,.0f} ms")
+        if log_stats.missed:
+            parts.append((f"  missed {_count(log_stats.missed)}", "yellow"))
+    else:
+        parts.append(f"  unwritten {_count(log_stats.unwritten)}")
+        if log_stats.snapshot_seq is not None:
+            parts.append(f"  snapshot at {_count(log_stats.snapshot_seq)}")
+    if log_stats.failure:
+        parts.append((f"  {log_stats.failure}", "bold red"))
+    return parts
+
+
 def _header_lines(snapshot: BrokerStats, width: int) -> list:
     from rich.text import Text
 
@@ -2172,6 +3073,8 @@ def _header_lines(snapshot: BrokerStats, width: int) -> list:
         _line("graph", f"{_count(snapshot.known_users)} known users"
                        f"  {_count(snapshot.follows)} follows"),
     ]
+    if snapshot.log is not None:
+        lines.append(_line("log", *_log_parts(snapshot.log)))
     # Zero counters are dimmed so the ones that moved stand out; the names
     # are the ones the logs and stats() use, so an operator can grep for them.
     lines += _packed_lines("counters", [
@@ -2519,12 +3422,17 @@ def build_argument_parser() -> argparse.ArgumentParser:
         help_text = item.metadata.get("help")
         if help_text is None:
             continue  # tuning, not an option
-        positional = item.metadata.get("positional")
+        positional = item.metadata["positional"]
         if positional:
-            parser.add_argument(item.name, metavar=positional, nargs="?",
-                                type=type(item.default), default=item.default, help=help_text)
+            # None: not given, which an edge must know (its one port is CLIENT_PORT).
+            parser.add_argument(item.name, metavar=positional, nargs="?", default=None,
+                                type=item.metadata["kind"],
+                                help=f"{help_text} (default: {item.default})")
+        elif item.metadata["kind"] is bool:
+            parser.add_argument("--" + item.name.replace("_", "-"), action="store_true",
+                                help=help_text)
         else:
-            parser.add_argument("--" + item.name.replace("_", "-"), type=type(item.default),
+            parser.add_argument("--" + item.name.replace("_", "-"), type=item.metadata["kind"],
                                 default=item.default, help=help_text)
     parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
                         help="logging threshold, in any case (logs go to stderr)")
@@ -2534,26 +3442,35 @@ def build_argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_arguments(arguments: argparse.Namespace) -> BrokerConfig:
-    return BrokerConfig(**{item.name: getattr(arguments, item.name)
-                           for item in fields(BrokerConfig) if "help" in item.metadata})
+def config_from_arguments(arguments: argparse.Namespace) -> BrokerConfig | str:
+    """The configuration the arguments ask for, or what is wrong with them."""
+    values = {item.name: getattr(arguments, item.name)
+              for item in fields(BrokerConfig) if "help" in item.metadata}
+    if values["edge"]:
+        if values["client_port"] is not None:
+            return "an edge has no event port: give only CLIENT_PORT"
+        values["client_port"], values["event_port"] = values["event_port"], None
+    for name in ("event_port", "client_port"):
+        if values[name] is None:
+            values[name] = getattr(DEFAULTS, name)
+    config = BrokerConfig(**values)
+    return config.problem() or config
 
 
 def main(argv: list[str] | None = None) -> int:
     arguments = build_argument_parser().parse_args(argv)
     config = config_from_arguments(arguments)
-    problem = config.problem()
-    if problem:
-        print(f"mbroker: {problem}", file=sys.stderr)
+    if isinstance(config, str):
+        print(f"mbroker: {config}", file=sys.stderr)
         return 2
     logging.basicConfig(level=arguments.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
     broker = Broker(config)
     broker.install_signal_handlers()
     try:
-        broker.bind()
-    except PortError as error:
-        print(f"mbroker: {error.message}", file=sys.stderr)
+        broker.open()
+    except (PortError, LogError) as error:
+        print(f"mbroker: {error}", file=sys.stderr)
         return 2
     dashboard = make_dashboard() if arguments.dashboard else None
     if dashboard is not None:
@@ -2576,7 +3493,7 @@ class RunningBroker:
 
     def __init__(self, config: BrokerConfig):
         self.broker = Broker(config)
-        self.broker.bind()
+        self.broker.open()
         self.event_port = self.broker.event_port
         self.client_port = self.broker.client_port
         self._error: BaseException | None = None

@@ -169,12 +169,25 @@ def test_every_other_number_missing_then_filled_in_is_released_exactly():
     assert len(buffer) == 0
 
 
+def events(*seqs: int) -> list[list[bytes]]:
+    """Split event lines, as push_slice takes them."""
+    return [[b"%d" % seq, b"B"] for seq in seqs]
+
+
 def test_push_slice_releases_a_shuffled_run_in_order():
     buffer = ReorderBuffer()
-    assert buffer.push_slice([3, 1, 2, 5], ["c", "a", "b", "e"]) == ["a", "b", "c"]
+    assert buffer.push_slice(events(3, 1, 2, 5)) == events(1, 2, 3)
     assert buffer.next_seq == 4 and len(buffer) == 1 and buffer.highest_seq == 5
-    assert buffer.push_slice([4, 4, 1], ["d", "again", "old"]) == ["d", "e"]
+    assert buffer.push_slice(events(4, 4, 1)) == events(4, 5)
     assert buffer.duplicates == 2
+
+
+def test_push_slice_sets_an_event_numbered_zero_aside():
+    buffer = ReorderBuffer()
+    assert buffer.push_slice(events(2, 0, 1)) == events(1, 2)
+    assert buffer.take_unnumbered() == events(0)
+    assert buffer.take_unnumbered() == []
+    assert buffer.duplicates == 0
 
 
 def test_advance_to_goes_on_past_numbers_handled_elsewhere():
@@ -201,7 +214,7 @@ def test_push_slice_is_push_one_by_one(seqs, slice_sizes, max_pending, slot_marg
     while position < len(seqs):
         size = slice_sizes[turn % len(slice_sizes)]
         part = seqs[position:position + size]
-        released += in_slices.push_slice(part, [f"item{seq}" for seq in part])
+        released += [f"item{int(event[0])}" for event in in_slices.push_slice(events(*part))]
         position += size
         turn += 1
     # The bulk path runs only while the buffer is far from full, so no
