@@ -47,7 +47,7 @@ maze = load_maze()
 
 
 class FakeBroker:
-    """A tiny broker following SPEC 2, with one optional fault.
+    """A tiny broker following docs/behaviour.md section 2, with one optional fault.
 
     fault: None (correct), "drop" (skips one notification), "reorder" (swaps two
     notifications of one user), "terminator" (sends one notification with "\\n" instead of
