@@ -11,6 +11,11 @@ Success prints ``\\o/ ALL NOTIFICATIONS RECEIVED \\o/`` and exits 0; any failure
 a precise description (user, notification number, byte offset, expected and received
 line) and exits 1.
 
+The clients can be spread over several client ports (a primary broker and its edges,
+all serving one stream). ``--rate`` paces the source, and every run reports end-to-end
+latency percentiles over every notification, measured from the source write that
+completed the notification's SEQ prefix to the read that completed the notification.
+
 Configuration: the follower-maze environment variables (eventListenerPort,
 clientListenerPort, totalEvents, concurrencyLevel, numberOfUsers, randomSeed, timeout,
 maxEventSourceBatchSize, logInterval) and equivalent command-line flags; flags win.
@@ -465,7 +470,7 @@ class WorkloadGenerator:
         else:
             sent, completions = lines, None
         source = "".join(sent).encode("ascii")
-        release = release_of_event = None
+        line_ends = release_of_event = None
         if self.track_release:
             # Lines are ASCII: a line's length in characters is its length in bytes.
             line_ends = list(itertools.accumulate(map(len, sent),
@@ -473,17 +478,18 @@ class WorkloadGenerator:
             del line_ends[0]
             release_of_event = (line_ends if completions is None
                                 else prefix_releases(line_ends, batch_sizes, completions))
-            release = ReleaseOffsets(line_ends, {})
         expected = {}
+        releases = {}
         for user, indexes in self._notified.items():
             if indexes:
                 expected[user] = "".join(pick(lines, indexes)).encode("ascii")
-                if release is not None:
-                    release.notifications[user] = array("q", pick(release_of_event, indexes))
+                if release_of_event is not None:
+                    releases[user] = array("q", pick(release_of_event, indexes))
                 indexes.clear()
         self.events_generated = first_seq + count
         self.notifications_generated += notifications
         self.source_bytes_generated += len(source)
+        release = ReleaseOffsets(line_ends, releases) if line_ends is not None else None
         return WorkloadChunk(source, expected, count, notifications, release)
 
     def _shuffle_batches(self, lines: list[str], batch_sizes: list[int], batch_words: list[int],
@@ -1773,6 +1779,14 @@ class ReplayClient:
         self.hello = b""
         self.outbox: collections.deque[memoryview] = collections.deque()
 
+    def read_hello(self, data: bytes) -> bool:
+        """Take bytes before the id is known; True once the id line is complete."""
+        self.hello += data
+        if b"\n" not in self.hello:
+            return False
+        self.user = int(self.hello.split(b"\n")[0].strip())
+        return True
+
 
 class ReplayBroker:
     """A fake broker for measuring maze itself (``--serve-replay``)."""
@@ -1958,11 +1972,8 @@ class ReplayBroker:
             if client.user is not None:
                 self._connections_of[client.user].remove(client)
             return False
-        if client.user is None:
-            client.hello += data
-            if b"\n" in client.hello:
-                client.user = int(client.hello.split(b"\n")[0].strip())
-                self._connections_of[client.user].append(client)
+        if client.user is None and client.read_hello(data):
+            self._connections_of[client.user].append(client)
         return True
 
     def _write_client(self, client: ReplayClient) -> None:
