@@ -2285,7 +2285,8 @@ class LogAppender:
         self.failure: str | None = None  # set when appending cannot go on
         self._reactor = reactor
         self._after = self._last = recovery.last_seq
-        self._events: list = []  # released since the last cut
+        self._lines: list[bytes] = []  # released since the last cut, joined per release
+        self._line_count = 0
         self._since_snapshot = 0
         self._previous_snapshot = recovery.snapshot_seq
         self._snapshot: SnapshotBuilder | None = None
@@ -2301,8 +2302,18 @@ class LogAppender:
     # -- the loop's side -----------------------------------------------------
 
     def record(self, events: list, last_seq: int) -> None:
-        """EventPipeline.on_release: the run just released, in order."""
-        self._events += events
+        """EventPipeline.on_release: the run just released, in order.
+
+        Joined back into lines here, by C-level passes, so that the split
+        lines still die with their slice: kept for a whole entry, they would
+        outlive the garbage collector's youngest generation and make its
+        full collections (which walk the follow graph) frequent.
+        """
+        if NO_OP in events:
+            events = [event for event in events if event is not NO_OP]
+        if events:
+            self._lines.append(b"\n".join(map(b"|".join, events)))
+            self._line_count += len(events)
         self._last = last_seq
 
     def cut(self) -> None:
@@ -2315,9 +2326,10 @@ class LogAppender:
             log.error("log %s: %s; the event source stays paused", self.key, self.failure)
         if self.failure is not None:
             return  # kept back; the source is paused (may_continue)
-        events, self._events = self._events, []
-        self._work.put((self._after, self._last, events, time.time()))
-        self.unwritten += len(events)
+        text = b"\n".join(self._lines) + b"\n" if self._lines else b""
+        self._work.put(LogEntry(self._after, self._last, text, time.time()))
+        self.unwritten += self._line_count
+        self._lines, self._line_count = [], 0
         self._since_snapshot += self._last - self._after
         self._after = self._last
 
@@ -2410,14 +2422,8 @@ class LogAppender:
                     break
                 if item is None:
                     stop_seen = True
-                elif item[0] == "snapshot":
+                else:
                     pending.append(item)
-                else:  # the lines are joined here, off the loop
-                    after, last, events, written_at = item
-                    text = b"".join(b"|".join(event) + b"\n" for event in events
-                                    if event is not NO_OP)
-                    pending.append(("entry", LogEntry(after, last, text, written_at),
-                                    len(events)))
             if not pending:
                 break
             try:
@@ -2445,7 +2451,7 @@ class LogAppender:
         """Write pending items in order, removing each once Redis has it."""
         call = self._reactor.call_in_loop
         while pending:
-            if pending[0][0] == "snapshot":
+            if not isinstance(pending[0], LogEntry):
                 _, seq, text, trim_below = pending[0]
                 with client.pipeline(transaction=True) as commands:
                     commands.set(snapshot_key(self.key), text)
@@ -2455,12 +2461,12 @@ class LogAppender:
                 pending.popleft()
                 call(partial(self._snapshot_written, seq))
                 continue
-            batch = list(itertools.takewhile(lambda item: item[0] == "entry",
+            batch = list(itertools.takewhile(lambda item: isinstance(item, LogEntry),
                                              itertools.islice(pending, LOG_WRITE_BATCH)))
-            self._append(client, [entry for _, entry, _ in batch])
-            for _ in batch:
-                _, entry, events = pending.popleft()
-                call(partial(self._written, entry.last, events))
+            self._append(client, batch)
+            for entry in batch:
+                pending.popleft()
+                call(partial(self._written, entry.last, entry.text.count(b"\n")))
 
     def _append(self, client, entries: list[LogEntry]) -> None:
         with client.pipeline(transaction=False) as commands:

@@ -2,7 +2,14 @@
 """Compare broker versions end to end, alternating runs in one session.
 
     git show c80411c:mbroker.py > /tmp/mbroker_before.py
-    python bench/compare_brokers.py /tmp/mbroker_before.py mbroker.py --runs 3
+    python3 bench/compare_brokers.py /tmp/mbroker_before.py mbroker.py --runs 3
+    python3 bench/compare_brokers.py mbroker.py "mbroker.py --log {redis} --log-key run:{run}"
+
+A broker is a file and, optionally, its arguments, as one shell word.
+{redis} stands for a Redis server this script starts for the session (from
+the dev extra: see tests/redis_server.py) and {run} for a token new to each
+run, so that every run with --log starts a fresh log, as every run starts a
+fresh broker.
 
 Each run starts the given broker file on ephemeral loopback ports, drives it
 with `tools/maze.py --pregenerate` (1,000,000 events at the harness defaults
@@ -15,6 +22,8 @@ ratio of medians taken side by side means more than two numbers taken apart.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import shlex
 import statistics
@@ -31,8 +40,15 @@ from tests.harness import BrokerProcess, assert_maze_succeeded, run_maze  # noqa
 RUN_TIMEOUT = 600.0
 
 
-def run_once(broker_file: str, events: int, maze_arguments: list[str]) -> dict:
-    broker = BrokerProcess(script=Path(broker_file).resolve())
+RUN_TOKENS = itertools.count(1)
+
+
+def run_once(broker: str, events: int, maze_arguments: list[str], redis_url: str | None) -> dict:
+    broker_file, *broker_arguments = shlex.split(broker)
+    token = str(next(RUN_TOKENS))
+    broker_arguments = [argument.replace("{redis}", redis_url or "").replace("{run}", token)
+                        for argument in broker_arguments]
+    broker = BrokerProcess(*broker_arguments, script=Path(broker_file).resolve())
     try:
         with tempfile.NamedTemporaryFile(suffix=".json") as report_file:
             maze = run_maze("--totalEvents", str(events), "--pregenerate", "--logInterval", "0",
@@ -54,8 +70,8 @@ def run_once(broker_file: str, events: int, maze_arguments: list[str]) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("brokers", nargs="+", help="broker files to compare (the first is the "
-                                                   "baseline)")
+    parser.add_argument("brokers", nargs="+", help='broker files to compare, each with its '
+                        'arguments if any ("mbroker.py --log {redis}"); the first is the baseline')
     parser.add_argument("--runs", type=int, default=3, help="runs per broker")
     parser.add_argument("--events", type=int, default=1_000_000, help="events per run")
     parser.add_argument("--maze-args", default="",
@@ -63,13 +79,22 @@ def main() -> int:
     arguments = parser.parse_args()
     maze_arguments = shlex.split(arguments.maze_args)
     results: dict[str, list[dict]] = {broker: [] for broker in arguments.brokers}
-    for run in range(1, arguments.runs + 1):
-        for broker in arguments.brokers:
-            result = run_once(broker, arguments.events, maze_arguments)
-            results[broker].append(result)
-            print(f"run {run}  {broker}: {result['events_per_second']:,.0f} events/s, "
-                  f"broker CPU {result['broker_cpu']:.2f} s, "
-                  f"peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
+    with contextlib.ExitStack() as cleanup:
+        redis_url = None
+        if any("{redis}" in broker for broker in arguments.brokers):
+            from tests.redis_server import RedisServer
+
+            directory = cleanup.enter_context(tempfile.TemporaryDirectory())
+            server = RedisServer(Path(directory))
+            cleanup.callback(server.close)
+            redis_url = server.url
+        for run in range(1, arguments.runs + 1):
+            for broker in arguments.brokers:
+                result = run_once(broker, arguments.events, maze_arguments, redis_url)
+                results[broker].append(result)
+                print(f"run {run}  {broker}: {result['events_per_second']:,.0f} events/s, "
+                      f"broker CPU {result['broker_cpu']:.2f} s, "
+                      f"peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
     baseline = statistics.median(r["events_per_second"] for r in results[arguments.brokers[0]])
     for broker, runs in results.items():
         median = statistics.median(r["events_per_second"] for r in runs)
