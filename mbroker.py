@@ -16,6 +16,7 @@ stats and dashboard, command line. Only transport and reactor touch sockets.
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import enum
 import errno
@@ -105,6 +106,10 @@ class BrokerConfig:
                                "with no event port")
     snapshot_every: int = option(100_000, "the primary snapshots the follow graph every so "
                                            "many sequence numbers, and trims the log")
+    metrics_port: int | None = option(None, "serve Prometheus metrics (GET /metrics) and "
+                                            "GET /healthz on this port, at the same address as "
+                                            "the others (0: any free port); off: no HTTP",
+                                      kind=int)
     # Tuning of the core, not options. How much the source socket is read per
     # wake-up; how many lines the core takes at a time (a slice's objects
     # should stay in the CPU's cache); how many lines are dispatched before
@@ -130,15 +135,17 @@ class BrokerConfig:
         for item in fields(self):
             value = getattr(self, item.name)
             name = item.metadata.get("positional") or "--" + item.name.replace("_", "-")
-            if item.name.endswith("_port") and not 0 <= value <= 65535:
+            if item.name.endswith("_port") and value is not None and not 0 <= value <= 65535:
                 return f"{name} must be between 0 and 65535, not {value}"
             if item.name.startswith("max_") and value < 1 or \
                     item.name == "snapshot_every" and value < 1:
                 return f"{name} must be at least 1"
             if item.name.endswith("_timeout") and not value > 0:  # also refuses nan
                 return f"{name} must be positive"
-        if self.event_port and self.event_port == self.client_port and not self.edge:
-            return f"EVENT_PORT and CLIENT_PORT must differ (both are {self.event_port})"
+        ports = [port for port in (None if self.edge else self.event_port, self.client_port,
+                                   self.metrics_port) if port]
+        if len(set(ports)) < len(ports):
+            return "EVENT_PORT, CLIENT_PORT and --metrics-port must differ"
         if self.edge and not self.log:
             return "--edge follows a log: give --log redis://HOST:PORT/DB too"
         if self.log is not None and \
@@ -187,6 +194,8 @@ LOG_SOCKET_TIMEOUT = 5.0  # seconds a Redis command may take before the connecti
 LOG_RETRY_FIRST, LOG_RETRY_MAX = 0.1, 5.0  # seconds between reconnects, doubling
 SNAPSHOT_STEP = 20_000  # followers a snapshot serializes per loop iteration
 SNAPSHOT_FORMAT = b"mbroker-snapshot 1"
+METRICS_SNAPSHOT_TIMEOUT = 5.0  # seconds a scrape waits for the loop's snapshot
+HEALTH_TIMEOUT = 1.0  # seconds /healthz waits for the loop to answer
 
 
 # ============================================================================
@@ -207,6 +216,8 @@ FIELD_COUNTS = {FOLLOW: 4, UNFOLLOW: 4, PRIVATE: 4, STATUS: 3, BROADCAST: 2}
 BROADCAST_FIELDS = {BROADCAST, BROADCAST + b"\r"}
 WIRE_FIELD_COUNTS = {**FIELD_COUNTS, BROADCAST + b"\r": 2}
 TARGETED_KINDS = {FOLLOW, PRIVATE}  # the types that notify TO alone
+EVENT_TYPE_NAMES = {FOLLOW: "follow", UNFOLLOW: "unfollow", BROADCAST: "broadcast",
+                    PRIVATE: "private", STATUS: "status"}
 # A consumed malformed SEQ, as the exchange sees it: a split line of no type.
 NO_OP = (b"", b"")
 
@@ -707,7 +718,8 @@ class Exchange:
         self.subscribers: dict[object, None] = {}  # every registered subscriber
         self.touched: set = set()  # subscribers with lines since the last take_output
         self.notifications = 0
-        self.dispatched = 0
+        self.dispatched = 0  # events applied, consumed malformed numbers included
+        self.dispatched_by_type = dict.fromkeys(EVENT_TYPE_NAMES.values(), 0)
         self.queued_fanout = 0  # bytes broadcasts and status updates queued since take_output
 
     # -- registration --------------------------------------------------------
@@ -782,6 +794,7 @@ class Exchange:
         connected = self.route_keys
         touch = self.touched.add
         follow_count, max_follows = self.follow_count, self.max_follows
+        follows = privates = statuses = unfollows = broadcasts = 0  # applied, by type
         delivered = 0
         fanout_bytes = self.queued_fanout
         if budget is None:
@@ -793,6 +806,7 @@ class Exchange:
             if kind in TARGETED_KINDS:
                 to_user = int(split_line[3])
                 if kind == FOLLOW:
+                    follows += 1
                     from_user = int(split_line[2])
                     followed = following.get(from_user)
                     if followed is None or to_user not in followed:
@@ -807,6 +821,8 @@ class Exchange:
                             # Refused before any set is made: a refused follow
                             # must cost no memory, or the cap would mean nothing.
                             self.follows_refused += 1
+                else:
+                    privates += 1
                 targets = routes.get(to_user)
                 if targets is not None:
                     raw = b"|".join(split_line)
@@ -815,6 +831,7 @@ class Exchange:
                         touch(target)
                     delivered += len(targets)
             elif kind == STATUS:
+                statuses += 1
                 watching = watchers.get(int(split_line[2]))
                 if watching:
                     reached = delivered
@@ -830,6 +847,7 @@ class Exchange:
                         held = list(remaining)
                         break
             elif kind == UNFOLLOW:
+                unfollows += 1
                 from_user = int(split_line[2])
                 followed = following.get(from_user)
                 if followed is not None:
@@ -842,6 +860,7 @@ class Exchange:
                         if from_user in connected:
                             self._unwatch(to_user, from_user)
             elif kind in BROADCAST_FIELDS:
+                broadcasts += 1
                 raw = b"|".join(split_line)
                 subscribers = self.subscribers
                 for target in subscribers:
@@ -853,6 +872,12 @@ class Exchange:
                     held = list(remaining)
                     break
         self.follow_count = follow_count
+        by_type = self.dispatched_by_type
+        by_type["follow"] += follows
+        by_type["private"] += privates
+        by_type["status"] += statuses
+        by_type["unfollow"] += unfollows
+        by_type["broadcast"] += broadcasts
         self.notifications += delivered
         self.dispatched += len(events) - len(held)
         self.queued_fanout = fanout_bytes
@@ -1649,6 +1674,10 @@ class Broker:
         self.log: LogAppender | LogFollower | None = None  # see open()
         self.closes = CloseLedger()
         self.rates = RateMeter()
+        self.latency = LatencyHistogram()
+        self._oldest_read: float | None = None  # the first read not yet flushed
+        self._notifications_flushed = 0
+        self.metrics: MetricsServer | None = None  # with --metrics-port
         self.started_at = time.monotonic()
         self.started_wall = time.time()
         self.stopping = False
@@ -1672,8 +1701,8 @@ class Broker:
             self.log.start()
 
     def bind(self) -> None:
-        """Open the listeners (an edge has no event port); PortError names
-        the port that failed."""
+        """Open the listeners (an edge has no event port) and the metrics
+        port; PortError names the port that failed."""
         config = self.config
         if not config.edge:
             self.event_listener = Listener(config.host, config.event_port, self.reactor,
@@ -1683,7 +1712,9 @@ class Broker:
             self.client_listener = Listener(config.host, config.client_port, self.reactor,
                                             self._on_client_accepted, self._count_accept_error,
                                             self.problems)
-        except PortError:
+            if config.metrics_port is not None:
+                self.metrics = MetricsServer(self, config.host, config.metrics_port)
+        except (PortError, MetricsUnavailable):
             self._close_listeners()
             raise
         if config.edge:
@@ -1692,6 +1723,9 @@ class Broker:
         else:
             log.info("listening events=%s:%d clients=%s:%d", config.host, self.event_port,
                      config.host, self.client_port)
+        if self.metrics is not None:
+            log.info("metrics at http://%s:%d/metrics (health at /healthz)", config.host,
+                     self.metrics.port)
 
     def _recover_from_log(self) -> None:
         config = self.config
@@ -1762,6 +1796,20 @@ class Broker:
         """
         self.reactor.call_in_loop(function)
 
+    def health(self) -> tuple[int, bytes]:
+        """(HTTP status, body) for /healthz: 200 while the loop answers, 503
+        while it drains or does not answer in time; safe from any thread."""
+        if self.stopping:
+            return 503, b"draining\n"
+        if self.running:
+            answered: Future = Future()
+            self.call_in_loop(lambda: answered.set_result(True))
+            try:
+                answered.result(HEALTH_TIMEOUT)
+            except TimeoutError:
+                return 503, b"the loop did not answer in time\n"
+        return 200, b"ok\n"
+
     def snapshot(self, timeout: float = 5.0, top_clients: int | None = 20) -> BrokerStats:
         """stats(), taken on the loop's thread; for callers on other threads."""
         if not self.running:
@@ -1818,6 +1866,8 @@ class Broker:
         if self.log is not None:
             # What the primary dispatched goes to the log before it exits.
             self.log.stop(max(self.config.drain_timeout, 1.0))
+        if self.metrics is not None:
+            self.metrics.stop()
         for connection in list(self.clients):
             connection.close(CloseReason.SHUTDOWN)
         if self._handles_signals:
@@ -1841,6 +1891,8 @@ class Broker:
         self.source.read_when_ready(not self.source_paused)
 
     def _on_source_data(self, data: bytes) -> None:
+        if self._oldest_read is None:
+            self._oldest_read = time.monotonic()
         self.pipeline.receive(data)
         self._dispatch()
 
@@ -1853,11 +1905,17 @@ class Broker:
             self._pause_source()
         elif not proceed:
             self._pause_source()
+        if not self.pipeline.backlog and not self.pipeline.holding:
+            self._oldest_read = None  # all flushed: the next read starts the clock
 
     def _deliver(self, output: Output) -> bool:
         """The pipeline's deliver(): write, end the log's entry, then say
         whether to go on."""
         write_output(output)
+        notifications = self.exchange.notifications - self._notifications_flushed
+        if notifications and self._oldest_read is not None:
+            self.latency.observe(time.monotonic() - self._oldest_read, notifications)
+        self._notifications_flushed = self.exchange.notifications
         if self.log is not None:
             self.log.cut()
             if not self.log.may_continue():
@@ -1898,6 +1956,8 @@ class Broker:
     def _apply_log_entries(self, entries: list[LogEntry], reload: tuple | None) -> None:
         """An edge's input: entries from the log, in order (after a reload
         from a snapshot, when it fell behind the trimmed part)."""
+        if self._oldest_read is None:
+            self._oldest_read = time.monotonic()
         if reload is not None:
             seq, graph, _missed_from = reload
             self.exchange.replace_follow_graph(graph)
@@ -2057,6 +2117,8 @@ class Broker:
                             connected_seconds=now - c.connected_at)
                 for c in connections),
             recently_closed=self.closes.recent(),
+            events_by_type=dict(exchange.dispatched_by_type),
+            dispatch_latency=self.latency.stats(),
         )
 
 
@@ -2697,6 +2759,10 @@ class LogFollower:
 # ============================================================================
 
 STATUS_LINE_INTERVAL = 5.0  # seconds between plain status lines
+# Dispatch latency buckets (seconds): from a tenth of a millisecond, the
+# fastest a flush can be here, to ten seconds, a drain's worth of backpressure.
+LATENCY_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                  0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 RATE_SAMPLES = 16  # housekeeping samples the rates average over (about 4 s)
 
 
@@ -2760,6 +2826,26 @@ class ClosedConnection:
 
 
 @dataclass(frozen=True)
+class LatencyStats:
+    """A histogram of dispatch latency: counts[i] notifications took at most
+    bounds[i] seconds (cumulative, as Prometheus has it; the last bound is
+    infinity), from the read that completed their event's release to the
+    flush that handed them to the kernel."""
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+    total_seconds: float  # summed over notifications
+
+    def quantile(self, fraction: float) -> float | None:
+        """The bound below which that fraction of notifications fell; None if none."""
+        if not self.counts or not self.counts[-1]:
+            return None
+        wanted = fraction * self.counts[-1]
+        return next(bound for bound, count in zip(self.bounds, self.counts, strict=True)
+                    if count >= wanted)
+
+
+@dataclass(frozen=True)
 class LogStats:
     """The durable log, as this broker sees it."""
 
@@ -2807,6 +2893,8 @@ class BrokerStats:
     limits: BrokerConfig
     top_clients: tuple[ClientStats, ...]  # deepest queues first
     recently_closed: tuple[ClosedConnection, ...]  # oldest first
+    events_by_type: dict[str, int] = field(default_factory=dict)  # dispatched
+    dispatch_latency: LatencyStats | None = None
     log: LogStats | None = None  # with --log
 
 
@@ -2830,6 +2918,24 @@ class CloseLedger:
 
     def recent(self) -> tuple[ClosedConnection, ...]:
         return tuple(self._recent)
+
+
+class LatencyHistogram:
+    """Dispatch latency, observed once per flush for all its notifications
+    (a bisect and three additions per flush; never per event)."""
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BOUNDS):
+        self.bounds = (*bounds, float("inf"))
+        self._counts = [0] * len(self.bounds)  # per bucket, not cumulative
+        self._total_seconds = 0.0
+
+    def observe(self, seconds: float, notifications: int) -> None:
+        self._counts[bisect.bisect_left(self.bounds, seconds)] += notifications
+        self._total_seconds += seconds * notifications
+
+    def stats(self) -> LatencyStats:
+        return LatencyStats(self.bounds, tuple(itertools.accumulate(self._counts)),
+                            self._total_seconds)
 
 
 class RateMeter:
@@ -2904,6 +3010,206 @@ def _can_write_now(stream) -> bool:
         return bool(select.select([], [descriptor], [], 0)[1])
     except (OSError, ValueError):
         return True
+
+
+# ============================================================================
+# Metrics
+#
+# Rules: --metrics-port serves GET /metrics, the Prometheus text format made
+# by prometheus_client from one BrokerStats, and GET /healthz, from an HTTP
+# thread of its own. A scrape asks the loop for that snapshot through
+# call_in_loop, the door for other threads: the loop spends one stats() on
+# it and never waits for a client's HTTP, and it stays the only reader of
+# its own state. Names follow Prometheus's conventions: an mbroker_ prefix,
+# counters ending in _total, seconds and bytes as units. prometheus_client
+# is imported only when --metrics-port asks for it.
+# ============================================================================
+
+
+class MetricsUnavailable(Exception):
+    """--metrics-port cannot be served: one line for the operator."""
+
+
+def metric_families(stats: BrokerStats) -> list:
+    """Every number the dashboard shows (rates excepted: Prometheus derives
+    those from the counters), as prometheus_client metric families."""
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+    )
+
+    families = []
+
+    def gauge(name: str, documentation: str, value: float) -> None:
+        families.append(GaugeMetricFamily(f"mbroker_{name}", documentation, value=value))
+
+    def counter(name: str, documentation: str, value: float) -> None:
+        families.append(CounterMetricFamily(f"mbroker_{name}", documentation, value=value))
+
+    role = "standalone" if stats.log is None else stats.log.role
+    info = GaugeMetricFamily("mbroker_info", "Always 1; the broker's role in its labels.",
+                             labels=["role"])
+    info.add_metric([role], 1)
+    families.append(info)
+    gauge("start_time_seconds", "When the broker started, in seconds since the epoch.",
+          stats.started_at)
+    gauge("stopping", "1 while the broker drains after SIGINT/SIGTERM.", stats.stopping)
+    gauge("source_connected", "1 while an event source is connected.", stats.source.connected)
+    gauge("source_paused", "1 while the event source is not read (backpressure).",
+          stats.source.paused)
+    gauge("source_read_bytes", "Bytes read from the current event source connection.",
+          stats.source.bytes_read)
+    counter("source_connections", "Event source connections accepted.",
+            stats.source.connections)
+    gauge("next_sequence_number", "The next sequence number to dispatch.", stats.next_seq)
+    gauge("highest_sequence_number", "The highest sequence number seen.", stats.highest_seq)
+    gauge("reorder_events", "Events waiting in the reorder buffer.", stats.reorder_depth)
+    gauge("reorder_events_max", "The most events that ever waited in the reorder buffer.",
+          stats.reorder_depth_max)
+    counter("events_received", "Event lines with a valid sequence number.", stats.events_in)
+    dispatched = CounterMetricFamily("mbroker_events_dispatched",
+                                     "Events dispatched in sequence order, by type.",
+                                     labels=["type"])
+    for kind, count in stats.events_by_type.items():
+        dispatched.add_metric([kind], count)
+    families.append(dispatched)
+    counter("notifications", "Notifications handed to client connections.",
+            stats.notifications)
+    counter("client_sent_bytes", "Bytes the kernel took from client connections.",
+            stats.bytes_out)
+    gauge("clients", "Client connections that announced their user id.", stats.clients)
+    gauge("connections", "Client connections, with or without a user id.", stats.connections)
+    gauge("clients_awaiting_hello", "Client connections yet to announce their id.",
+          stats.awaiting_hello)
+    gauge("known_users", "Users that follow someone.", stats.known_users)
+    gauge("follows", "Follow relations in the follow graph.", stats.follows)
+    gauge("queued_bytes", "Bytes queued toward clients, all together.", stats.bytes_queued)
+    gauge("deepest_queue_bytes", "Bytes queued toward the client with the most.",
+          stats.top_clients[0].queued_bytes if stats.top_clients else 0)
+    limits = stats.limits
+    for name, documentation, value in (
+            ("max_pending_events", "--max-pending.", limits.max_pending),
+            ("max_buffered_bytes", "--max-buffered.", limits.max_buffered),
+            ("max_client_buffer_bytes", "--max-client-buffer.", limits.max_client_buffer),
+            ("max_follows", "--max-follows.", limits.max_follows)):
+        gauge(name, f"The limit {documentation}", value)
+    for name, value in stats.counters.items():
+        counter(name, f"The {name} counter (docs/behaviour.md §4).", value)
+    closed = CounterMetricFamily("mbroker_connections_closed",
+                                 "Connections closed, by reason (docs/behaviour.md §4).",
+                                 labels=["reason"])
+    for reason, count in stats.closes.items():
+        closed.add_metric([reason], count)
+    families.append(closed)
+    latency = stats.dispatch_latency
+    if latency is not None:
+        buckets = [("+Inf" if bound == float("inf") else repr(bound), count)
+                   for bound, count in zip(latency.bounds, latency.counts, strict=True)]
+        families.append(HistogramMetricFamily(
+            "mbroker_dispatch_latency_seconds",
+            "Per notification: from the read that completed its event's release to the "
+            "flush that handed it to the kernel.", buckets=buckets,
+            sum_value=latency.total_seconds))
+    if stats.log is not None:
+        families += _log_metric_families(stats.log, gauge, counter)
+    return families
+
+
+def _log_metric_families(log_stats: LogStats, gauge, counter) -> list:
+    from prometheus_client.core import GaugeMetricFamily
+
+    state = GaugeMetricFamily("mbroker_log_state", "1 for the log connection's state.",
+                              labels=["state"])
+    for name in ("connecting", "connected", "reconnecting", "failed"):
+        state.add_metric([name], log_stats.state == name)
+    gauge("log_position", "Primary: the last sequence number Redis holds; edge: the last "
+          "applied.", log_stats.position)
+    gauge("log_newest_position", "The newest sequence number in the log, as last seen.",
+          log_stats.primary_position)
+    gauge("log_lag_seconds", "Edge: how late its last entry was applied, by the primary's "
+          "clock.", log_stats.lag_seconds)
+    gauge("log_unwritten_events", "Primary: events handed to the writer, not yet in Redis.",
+          log_stats.unwritten)
+    counter("log_entries", "Entries written (primary) or read (edge).", log_stats.entries)
+    counter("log_entries_skipped", "Foreign or damaged entries skipped.",
+            log_stats.entries_skipped)
+    counter("log_reconnects", "Times the connection to Redis was lost.", log_stats.reconnects)
+    counter("log_snapshots", "Snapshots this primary wrote.", log_stats.snapshots)
+    counter("log_missed", "Edge: sequence numbers its clients missed after it fell behind "
+            "the trimmed log.", log_stats.missed)
+    gauge("log_snapshot_sequence_number", "The sequence number the latest snapshot covers.",
+          log_stats.snapshot_seq or 0)
+    gauge("log_recovery_seconds", "How long the start-up recovery took.",
+          log_stats.recovery_seconds)
+    return [state]
+
+
+class MetricsServer:
+    """GET /metrics and GET /healthz on a thread of its own (see the banner)."""
+
+    def __init__(self, broker: Broker, host: str, port: int):
+        try:
+            from prometheus_client import CollectorRegistry, ProcessCollector
+            from prometheus_client.exposition import choose_encoder
+        except ImportError:
+            raise MetricsUnavailable("--metrics-port needs the prometheus_client package: "
+                                     "pip install 'mbroker[metrics]'") from None
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_SnapshotCollector(broker))
+        ProcessCollector(registry=registry)  # process_cpu_seconds_total and friends
+
+        class Handler(BaseHTTPRequestHandler):
+            server_version = "mbroker"
+
+            def do_GET(self) -> None:
+                path = self.path.partition("?")[0]
+                content_type = "text/plain; charset=utf-8"
+                if path == "/metrics":
+                    encode, content_type = choose_encoder(self.headers.get("Accept"))
+                    try:
+                        status, body = 200, encode(registry)
+                    except TimeoutError:
+                        status, body = 503, b"the broker's loop did not answer in time\n"
+                elif path == "/healthz":
+                    status, body = broker.health()
+                else:
+                    status, body = 404, b"not found: try /metrics or /healthz\n"
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args) -> None:
+                pass  # scrapes every few seconds are no news for the log
+
+        try:
+            self._server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as error:
+            raise PortError(host, port, error) from error
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
+                                        name="mbroker-metrics")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class _SnapshotCollector:
+    """prometheus_client's collector interface, answered from one snapshot."""
+
+    def __init__(self, broker: Broker):
+        self._broker = broker
+
+    def collect(self):
+        return iter(metric_families(self._broker.snapshot(METRICS_SNAPSHOT_TIMEOUT,
+                                                          top_clients=1)))
 
 
 # ============================================================================
@@ -3484,7 +3790,7 @@ def main(argv: list[str] | None = None) -> int:
     broker.install_signal_handlers()
     try:
         broker.open()
-    except (PortError, LogError) as error:
+    except (PortError, LogError, MetricsUnavailable) as error:
         print(f"mbroker: {error}", file=sys.stderr)
         return 2
     dashboard = make_dashboard() if arguments.dashboard else None

@@ -9,7 +9,8 @@ A broker is a file and, optionally, its arguments, as one shell word.
 {redis} stands for a Redis server this script starts for the session (from
 the dev extra: see tests/redis_server.py) and {run} for a token new to each
 run, so that every run with --log starts a fresh log, as every run starts a
-fresh broker.
+fresh broker. --scrape-every S has a thread GET a broker's /metrics every S
+seconds during its runs, when it was started with --metrics-port.
 
 Each run starts the given broker file on ephemeral loopback ports, drives it
 with `tools/maze.py --pregenerate` (1,000,000 events at the harness defaults
@@ -29,6 +30,8 @@ import shlex
 import statistics
 import sys
 import tempfile
+import threading
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,12 +46,34 @@ RUN_TIMEOUT = 600.0
 RUN_TOKENS = itertools.count(1)
 
 
-def run_once(broker: str, events: int, maze_arguments: list[str], redis_url: str | None) -> dict:
+class Scraper(threading.Thread):
+    """GETs http://127.0.0.1:PORT/metrics every `every` seconds until stopped."""
+
+    def __init__(self, port: int, every: float):
+        super().__init__(daemon=True)
+        self.url, self.every = f"http://127.0.0.1:{port}/metrics", every
+        self.done = threading.Event()
+        self.scrapes = 0
+
+    def run(self) -> None:
+        while not self.done.wait(self.every):
+            with urllib.request.urlopen(self.url, timeout=5) as answer:
+                answer.read()
+            self.scrapes += 1
+
+
+def run_once(broker: str, events: int, maze_arguments: list[str], redis_url: str | None,
+             scrape_every: float | None = None) -> dict:
     broker_file, *broker_arguments = shlex.split(broker)
     token = str(next(RUN_TOKENS))
     broker_arguments = [argument.replace("{redis}", redis_url or "").replace("{run}", token)
                         for argument in broker_arguments]
     broker = BrokerProcess(*broker_arguments, script=Path(broker_file).resolve())
+    scraper = None
+    if scrape_every and "--metrics-port" in broker_arguments:
+        line = broker.wait_for_log(r"metrics at http://")
+        scraper = Scraper(int(line.rsplit(":", 1)[1].split("/")[0]), scrape_every)
+        scraper.start()
     try:
         with tempfile.NamedTemporaryFile(suffix=".json") as report_file:
             maze = run_maze("--totalEvents", str(events), "--pregenerate", "--logInterval", "0",
@@ -62,8 +87,11 @@ def run_once(broker: str, events: int, maze_arguments: list[str], redis_url: str
             report = json.loads(Path(report_file.name).read_text())
         cpu, peak_mib = broker.usage()
         return {"events_per_second": report["events_per_second"], "broker_cpu": cpu,
-                "peak_rss_mb": peak_mib}
+                "peak_rss_mb": peak_mib, "scrapes": scraper.scrapes if scraper else 0}
     finally:
+        if scraper is not None:
+            scraper.done.set()
+            scraper.join(10)
         broker.stop()
         broker.close()
 
@@ -74,6 +102,8 @@ def main() -> int:
                         'arguments if any ("mbroker.py --log {redis}"); the first is the baseline')
     parser.add_argument("--runs", type=int, default=3, help="runs per broker")
     parser.add_argument("--events", type=int, default=1_000_000, help="events per run")
+    parser.add_argument("--scrape-every", type=float, default=None,
+                        help="seconds between GETs of /metrics, for brokers given --metrics-port")
     parser.add_argument("--maze-args", default="",
                         help='extra arguments for tools/maze.py, e.g. "--terminator lf"')
     arguments = parser.parse_args()
@@ -90,11 +120,14 @@ def main() -> int:
             redis_url = server.url
         for run in range(1, arguments.runs + 1):
             for broker in arguments.brokers:
-                result = run_once(broker, arguments.events, maze_arguments, redis_url)
+                result = run_once(broker, arguments.events, maze_arguments, redis_url,
+                                  arguments.scrape_every)
                 results[broker].append(result)
                 print(f"run {run}  {broker}: {result['events_per_second']:,.0f} events/s, "
                       f"broker CPU {result['broker_cpu']:.2f} s, "
-                      f"peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
+                      f"peak RSS {result['peak_rss_mb']:.0f} MB"
+                      + (f", {result['scrapes']} scrapes" if result["scrapes"] else ""),
+                      flush=True)
     baseline = statistics.median(r["events_per_second"] for r in results[arguments.brokers[0]])
     for broker, runs in results.items():
         median = statistics.median(r["events_per_second"] for r in runs)
