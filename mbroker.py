@@ -3338,6 +3338,17 @@ def _source_parts(snapshot: BrokerStats) -> list:
     return parts
 
 
+def _latency_text(latency: LatencyStats | None) -> str:
+    """Dispatch latency by its histogram's buckets: an upper bound per quantile."""
+    quantiles = [(name, latency.quantile(fraction)) for name, fraction in
+                 (("p50", 0.5), ("p99", 0.99))] if latency is not None else []
+    if not quantiles or quantiles[0][1] is None:
+        return "no notifications yet"
+    return "  ".join(
+        f"{name} {'over 10 s' if bound == float('inf') else f'<= {bound * 1000:g} ms'}"
+        for name, bound in quantiles) + "  from read to flush"
+
+
 def _log_parts(log_stats: LogStats) -> list:
     """The log's line: role, Redis connection, position and lag; trouble in colour."""
     state_style = {"connected": "", "failed": "bold red"}.get(log_stats.state, "bold yellow")
@@ -3384,6 +3395,7 @@ def _header_lines(snapshot: BrokerStats, width: int) -> list:
         _line("rates", f"events in {_rate(rates.events_in)}"
                        f"  out {_rate(rates.events_out)}"
                        f"  notifications {_rate(rates.notifications)}"),
+        _line("dispatch", _latency_text(snapshot.dispatch_latency)),
         _line("output", f"{_size(rates.bytes_out)}/s  ",
               (f"{_size(queued)} queued", _fill_style(queued, max_buffered)),
               f" (source pauses at {_size(max_buffered)})"),

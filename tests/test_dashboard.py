@@ -544,3 +544,40 @@ def test_a_terminal_that_stops_reading_never_stalls_delivery():
         process.stderr.close()
         os.close(master)
         os.close(slave)
+
+
+def test_the_log_line_shows_role_connection_position_and_an_edges_lag():
+    edge = replace(busy_snapshot(client_count=3), log=mbroker.LogStats(
+        role="edge", url="redis://:***@10.0.0.5:6379/0", key="mbroker:events",
+        state="reconnecting", position=1_200_000, primary_position=1_234_567, lag_seconds=0.042,
+        unwritten=0, entries=300, entries_skipped=0, reconnects=2, snapshots=0,
+        snapshot_seq=1_200_000, missed=17, recovery_seconds=0.5, failure=None))
+    text = render_text(edge, width=100)
+    line = next(line for line in text.splitlines() if line.startswith("log"))
+    assert "edge  reconnecting  at 1,200,000  34,567 behind  lag 42 ms  missed 17" in line
+    assert colour_of(edge, "reconnecting") == "yellow"
+    assert colour_of(edge, "missed 17") == "yellow"
+    status = mbroker.format_status_line(edge)
+    assert "log=edge:reconnecting position=1200000 newest=1234567 lag=0.042s missed=17" in status
+
+
+def test_the_log_line_of_a_primary_shows_what_redis_has_not_taken_yet():
+    primary = replace(busy_snapshot(client_count=3), log=mbroker.LogStats(
+        role="primary", url="redis://127.0.0.1:6379/0", key="mbroker:events",
+        state="failed", position=99, primary_position=120, lag_seconds=0.0, unwritten=21,
+        entries=5, entries_skipped=0, reconnects=0, snapshots=1, snapshot_seq=50, missed=0,
+        recovery_seconds=0.0, failure="cannot append entry 120-0"))
+    text = render_text(primary, width=120)
+    line = next(line for line in text.splitlines() if line.startswith("log"))
+    assert "primary  failed  at 99  unwritten 21  snapshot at 50  cannot append entry" in line
+    assert colour_of(primary, "failed") == "red"
+    assert "log=primary:failed position=99 newest=120 unwritten=21" in \
+        mbroker.format_status_line(primary)
+
+
+def test_dispatch_latency_is_shown_by_its_quantiles():
+    latency = mbroker.LatencyStats(bounds=(0.001, 0.005, float("inf")), counts=(50, 99, 100),
+                                   total_seconds=0.3)
+    text = render_text(replace(busy_snapshot(client_count=3), dispatch_latency=latency))
+    assert "dispatch  p50 <= 1 ms  p99 <= 5 ms  from read to flush" in text
+    assert "no notifications yet" in render_text(busy_snapshot(client_count=3))
