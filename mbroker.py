@@ -41,11 +41,19 @@ from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from itertools import compress
 
+__version__ = "0.2.0"
 __all__ = [
-    "BrokerConfig", "LineSplitter", "MalformedLine", "parse_event", "parse_hello",
-    "is_plain_event_text", "ReorderBuffer", "Exchange", "Subscriber", "EventPipeline",
-    "CloseReason", "Broker", "BrokerStats", "PortError", "running", "main",
-    "render_dashboard", "format_status_line", "make_dashboard",
+    # running a broker
+    "serve", "stop", "running", "RunningBroker", "Broker", "BrokerConfig", "main", "console",
+    # what it reports
+    "BrokerStats", "SourceStats", "Rates", "Counters", "ClientStats", "ClosedConnection",
+    "LatencyStats", "LogStats", "CloseReason", "format_status_line", "render_dashboard",
+    "make_dashboard",
+    # playing with the core
+    "Playground", "Exchange", "EventPipeline", "ReorderBuffer", "Subscriber", "LineSplitter",
+    "parse_event", "parse_hello", "is_plain_event_text", "MalformedLine",
+    # errors
+    "PortError", "LogError", "MetricsUnavailable",
 ]
 
 log = logging.getLogger("mbroker")
@@ -700,6 +708,8 @@ def write_output(output: Output) -> bool:
 
 
 class Exchange:
+    """The follow graph and the routing table; see the section's banner."""
+
     def __init__(self, max_follows: int = DEFAULTS.max_follows):
         self.max_follows = max_follows
         # The follow graph by follower, for every user; and, for status
@@ -1199,6 +1209,8 @@ class EventPipeline:
 
 
 class CloseReason(enum.Enum):
+    """Why a connection was closed: the one vocabulary of logs, counters and views."""
+
     CLIENT_QUIT = "client_quit"  # the client closed its end (EOF)
     CLIENT_ERROR = "client_error"  # reset or other socket error
     HELLO_TIMEOUT = "hello_timeout"  # no user id within --hello-timeout
@@ -3734,11 +3746,15 @@ def make_dashboard(stream=None) -> LiveDashboard | StatusLinePrinter:
 # ============================================================================
 # Command line and Python entry points
 #
-# Rules: the options come from BrokerConfig's metadata, nowhere else. Parse,
-# configure logging, bind (a busy port is one line and exit code 2), serve
-# until a signal, exit 0; a bad option value is one line and exit code 2. No
-# traceback reaches the operator. running() gives Python callers the same
-# broker on a background thread.
+# Rules: the options come from BrokerConfig's fields, nowhere else: the
+# command line, serve() and running() take the same names with the same
+# defaults. The command: parse, configure logging, bind (a busy port is one
+# line and exit code 2), serve until a signal, exit 0; a bad option value is
+# one line and exit code 2; no traceback reaches the operator. serve() is
+# the command's broker in the calling thread, running() the same on a
+# background thread, Playground an exchange to feed by hand, and
+# `python3 -m mbroker console` a prompt with all of them imported. The
+# public names are __all__; nothing else is promised.
 # ============================================================================
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -3790,6 +3806,10 @@ def config_from_arguments(arguments: argparse.Namespace) -> BrokerConfig | str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line (`python3 mbroker.py --help`); returns the exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["console"]:
+        return console(argv[1:])
     arguments = build_argument_parser().parse_args(argv)
     config = config_from_arguments(arguments)
     if isinstance(config, str):
@@ -3819,6 +3839,44 @@ def main(argv: list[str] | None = None) -> int:
             dashboard.stop()  # the last frame stays; the cursor and logging come back
     log.info("stopped")
     return 0
+
+
+_serving: list[Broker] = []  # the brokers serve() runs, for stop()
+
+
+def serve(event_port: int = DEFAULTS.event_port, client_port: int = DEFAULTS.client_port,
+          **options) -> None:
+    """Run a broker in the calling thread, as the command line does, until
+    SIGINT/SIGTERM (handled in the main thread only) or stop(); then drain
+    and return. Options are BrokerConfig's fields, by the same names as the
+    command line's (max_pending=..., log=..., metrics_port=...). Logging is
+    the caller's: configure the "mbroker" logger as you like.
+
+    Raises ValueError for a bad option, PortError for a busy port, LogError
+    or MetricsUnavailable when --log or --metrics-port cannot be served.
+    """
+    config = BrokerConfig(event_port=event_port, client_port=client_port, **options)
+    problem = config.problem()
+    if problem:
+        raise ValueError(problem)
+    broker = Broker(config)
+    if threading.current_thread() is threading.main_thread():
+        broker.install_signal_handlers()
+    _serving.append(broker)
+    try:
+        broker.open()
+        broker.serve_forever()
+    finally:
+        _serving.remove(broker)
+        if broker._handles_signals:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def stop() -> None:
+    """Drain and stop every broker serve() runs; safe from any thread."""
+    for broker in list(_serving):
+        broker.request_stop()
 
 
 class RunningBroker:
@@ -3858,9 +3916,12 @@ class RunningBroker:
 
 @contextlib.contextmanager
 def running(event_port: int = 0, client_port: int = 0, **options) -> Iterator[RunningBroker]:
-    """A broker on a background thread for the with block; both ports listen
-    when it starts, and leaving the block drains and stops it, re-raising any
-    error from its loop. Options are BrokerConfig's fields."""
+    """A broker on a background thread for the with block: its ports listen
+    (port 0: any free one; read .event_port and .client_port) when the block
+    starts; .stats() gives a BrokerStats taken on its thread; leaving the
+    block, or .stop(), drains and stops it and re-raises any error from its
+    loop. Options are BrokerConfig's fields, as for serve(). Any number may
+    run at once."""
     config = BrokerConfig(event_port=event_port, client_port=client_port, **options)
     problem = config.problem()
     if problem:
@@ -3870,6 +3931,92 @@ def running(event_port: int = 0, client_port: int = 0, **options) -> Iterator[Ru
         yield broker
     finally:
         broker.stop()
+
+
+class Playground:
+    """An exchange to feed by hand: event lines in, who was notified out.
+
+    The broker's own core (pipeline, reorder buffer, exchange) with
+    in-memory subscribers instead of sockets; it wraps them and changes
+    nothing in them, so it costs the broker nothing. Lines may be str or
+    bytes, with or without their terminator ("\\n" is added when missing).
+    """
+
+    def __init__(self, connected=(), **options):
+        self.config = BrokerConfig(**options)
+        self.exchange = Exchange(self.config.max_follows)
+        self.pipeline = EventPipeline(self.exchange, self.config)
+        self._subscribers: dict[int, Subscriber] = {}
+        for user_id in connected:
+            self.connect(user_id)
+
+    def connect(self, user_id: int) -> None:
+        """User user_id connects: it receives what is dispatched from now on."""
+        if user_id not in self._subscribers:
+            self._subscribers[user_id] = Subscriber(user_id)
+            self.exchange.subscribe(user_id, self._subscribers[user_id])
+
+    def disconnect(self, user_id: int) -> None:
+        subscriber = self._subscribers.pop(user_id, None)
+        if subscriber is not None:
+            self.exchange.unsubscribe(user_id, subscriber)
+
+    @property
+    def connected(self) -> list[int]:
+        return sorted(self._subscribers)
+
+    def send(self, *lines) -> dict[int, list]:
+        """Feed event lines; returns {user: [the lines it was notified of]}
+        for what they released (the lines as str when given as str)."""
+        as_text = bool(lines) and isinstance(lines[0], str)
+        for line in lines:
+            line = line if isinstance(line, bytes) else line.encode()
+            self.pipeline.feed(line if line.endswith(b"\n") else line + b"\n")
+        notified = {}
+        for user_id, subscriber in self._subscribers.items():
+            received = subscriber.take_bytes().splitlines()
+            if received:
+                notified[user_id] = [line.decode() if as_text else line
+                                     for line in received]
+        return dict(sorted(notified.items()))
+
+    @property
+    def follows(self) -> dict[int, list[int]]:
+        """The follow graph: {follower: the users it follows}, sorted."""
+        return {follower: sorted(followed)
+                for follower, followed in sorted(self.exchange.follow_graph())}
+
+    def followers_of(self, user_id: int) -> list[int]:
+        return sorted(self.exchange.followers_of(user_id))
+
+    @property
+    def next_seq(self) -> int:
+        return self.pipeline.reorder.next_seq
+
+    @property
+    def waiting(self) -> int:
+        """Events held in the reorder buffer for a missing lower number."""
+        return len(self.pipeline.reorder)
+
+
+CONSOLE_BANNER = """\
+mbroker {version} console: the names of mbroker are imported. Try
+    play = Playground(connected=[1, 2])
+    play.send("1|F|1|2", "2|S|2")     # who is notified of what
+    play.follows                       # the follow graph
+    with running() as broker: ...      # a broker on free ports, for a socket
+Ctrl-D leaves."""
+
+
+def console(argv: list[str] | None = None) -> int:
+    """`python3 -m mbroker console`: an interactive prompt with mbroker's names."""
+    import code
+
+    names = {name: globals()[name] for name in __all__}
+    names["mbroker"] = sys.modules[__name__]
+    code.interact(banner=CONSOLE_BANNER.format(version=__version__), local=names,
+                  exitmsg="")
+    return 0
 
 
 if __name__ == "__main__":
