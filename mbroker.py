@@ -1395,6 +1395,105 @@ class ClientConnection:
             self._on_registered(self)
 
 
+class ClientTable:
+    """Every client connection: accepted, registered with the exchange once
+    its id is read, timed out, closed with its reason, and reported.
+
+    It owns the connections and the WriteTotals their write paths share.
+    """
+
+    def __init__(self, config: BrokerConfig, reactor: Reactor, exchange: Exchange,
+                 closes: CloseLedger, problems: RateLimitedLog):
+        self.totals = WriteTotals()
+        self._config = config
+        self._reactor = reactor
+        self._exchange = exchange
+        self._closes = closes
+        self._problems = problems
+        self._connections: dict[ClientConnection, None] = {}
+        self._awaiting_hello: dict[ClientConnection, None] = {}
+
+    def __len__(self) -> int:
+        return len(self._connections)
+
+    def __iter__(self) -> Iterator[ClientConnection]:
+        return iter(list(self._connections))
+
+    @property
+    def awaiting_hello(self) -> int:
+        return len(self._awaiting_hello)
+
+    def accept(self, sock: socket.socket) -> None:
+        """The client listener's on_accept."""
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        connection = ClientConnection(sock, time.monotonic(), self._reactor, self.totals,
+                                      self._config.max_client_buffer,
+                                      self._registered, self._closed)
+        self._connections[connection] = None
+        self._awaiting_hello[connection] = None
+        log.debug("%s connected", connection.describe())
+
+    def check_timeouts(self, now: float) -> None:
+        """Close who sent no id within --hello-timeout, and who had bytes
+        queued and none written for --write-timeout."""
+        config = self._config
+        for connection in [c for c in self._awaiting_hello
+                           if now - c.connected_at >= config.hello_timeout]:
+            connection.close(CloseReason.HELLO_TIMEOUT,
+                             f"no user id within {config.hello_timeout:g} s")
+        for connection in [c for c in self.totals.backlogged
+                           if c.stalled(now, config.write_timeout)]:
+            connection.close(CloseReason.SLOW_CONSUMER_TIMEOUT,
+                             f"nothing written for {config.write_timeout:g} s with "
+                             f"{connection.queued_bytes} bytes queued")
+
+    def close(self, reason: CloseReason, awaiting_hello_only: bool = False) -> None:
+        for connection in list(self._awaiting_hello if awaiting_hello_only
+                               else self._connections):
+            connection.close(reason)
+
+    def deepest(self, count: int | None, now: float) -> tuple[ClientStats, ...]:
+        """The connections with the most bytes queued, deepest first (None: all)."""
+        connections = list(self._connections)
+        if count is not None and len(connections) > count:
+            connections = heapq.nlargest(count, connections, key=lambda c: c.queued_bytes)
+        else:
+            connections.sort(key=lambda c: c.queued_bytes, reverse=True)
+        return tuple(ClientStats(user_id=c.user_id, peer=c.peer,
+                                 queued_notifications=c.queued_notifications,
+                                 queued_bytes=c.queued_bytes,
+                                 notifications_sent=c.notifications_sent,
+                                 bytes_sent=c.bytes_sent,
+                                 connected_seconds=now - c.connected_at)
+                     for c in connections)
+
+    def _registered(self, connection: ClientConnection) -> None:
+        del self._awaiting_hello[connection]
+        self._exchange.subscribe(connection.user_id, connection)
+        log.debug("%s registered", connection.describe())
+
+    def _closed(self, connection: ClientConnection, reason: CloseReason, detail: str,
+                unsent: int) -> None:
+        self._connections.pop(connection, None)
+        self._awaiting_hello.pop(connection, None)
+        if connection.user_id is not None:
+            self._exchange.unsubscribe(connection.user_id, connection)
+        self._closes.record("client", connection.peer, connection.user_id, reason, detail)
+        said = f" ({detail})" if detail else ""
+        if reason in (CloseReason.HELLO_TIMEOUT, CloseReason.INVALID_ID):
+            self._problems.warning(reason.value, "%s closed: %s%s", connection.describe(),
+                                   reason.value, said)
+        else:
+            quiet = reason in (CloseReason.CLIENT_QUIT, CloseReason.SHUTDOWN)
+            log.log(logging.INFO if quiet else logging.WARNING,
+                    "%s closed: %s%s; %d notifications sent, %d not delivered",
+                    connection.describe(), reason.value, said,
+                    connection.notifications_sent, unsent)
+
+
 class SourceConnection:
     """The event source's socket: read while not paused, hand the bytes on."""
 
@@ -1664,6 +1763,34 @@ class Reactor:
                 log.exception("a call from another thread failed")
 
 
+class SignalStop:
+    """SIGINT and SIGTERM for a broker in the main thread: the first asks it
+    to drain and stop, a second exits at once with 128 + the signal's number."""
+
+    def __init__(self, broker: Broker):
+        self._broker = broker
+        self._seen = 0
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.set_wakeup_fd(broker.reactor.wakeup_descriptor(), warn_on_full_buffer=False)
+
+    def uninstall(self) -> None:
+        """The default handlers again; a late signal never writes to a reused fd."""
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def _handle(self, signum, frame) -> None:
+        self._seen += 1
+        if self._seen > 1:
+            # The operator insists: no drain, no cleanup beyond the kernel's,
+            # except giving a terminal its cursor back if the live view hid it.
+            if self._broker.observers and sys.stdout.isatty():
+                os.write(sys.stdout.fileno(), b"\x1b[?25h\n")
+            os._exit(128 + signum)
+        self._broker.request_stop()
+
+
 class Broker:
     """The event source, the user clients and the core, driven by one Reactor."""
 
@@ -1680,11 +1807,11 @@ class Broker:
         self.source_paused = False  # by backpressure (--max-buffered, or the log's)
         self._paused_by_clients = False  # ... and by the clients' queues
         self.accept_errors = 0
-        self.clients: dict[ClientConnection, None] = {}  # every client connection
-        self.awaiting_hello: dict[ClientConnection, None] = {}
-        self.totals = WriteTotals()
-        self.log: LogAppender | LogFollower | None = None  # see open()
         self.closes = CloseLedger()
+        self.clients = ClientTable(config, self.reactor, self.exchange, self.closes,
+                                   self.problems)
+        self.totals = self.clients.totals
+        self.log: LogAppender | LogFollower | None = None  # see open()
         self.rates = RateMeter()
         self.latency = LatencyHistogram()
         self._oldest_read: float | None = None  # the first read not yet flushed
@@ -1697,8 +1824,7 @@ class Broker:
         self.observers: list = []  # called as observer(broker, now) on each housekeeping tick
         self._stop_deadline: float | None = None  # set when the drain starts
         self._stop_now = False  # a second stop request: no more draining
-        self._signals_seen = 0
-        self._handles_signals = False
+        self._signals: SignalStop | None = None  # see install_signal_handlers()
         self.reactor.every(HOUSEKEEPING_INTERVAL, self._housekeeping)
 
     # -- lifecycle -----------------------------------------------------------
@@ -1707,7 +1833,8 @@ class Broker:
         """Recover from the log, if there is one, then listen: the ports open
         only once the state is back. LogError or PortError say what failed."""
         if self.config.log and self.log is None:
-            self._recover_from_log()
+            self.log = open_log(self.config, self.reactor, self.pipeline,
+                                self._apply_log_entries)
         self.bind()
         if self.log is not None:
             self.log.start()
@@ -1722,7 +1849,7 @@ class Broker:
                                            self.problems, keeps_spare=True)
         try:
             self.client_listener = Listener(config.host, config.client_port, self.reactor,
-                                            self._on_client_accepted, self._count_accept_error,
+                                            self.clients.accept, self._count_accept_error,
                                             self.problems)
             if config.metrics_port is not None:
                 self.metrics = MetricsServer(self, config.host, config.metrics_port)
@@ -1739,33 +1866,6 @@ class Broker:
             log.info("metrics at http://%s:%d/metrics (health at /healthz)", config.host,
                      self.metrics.port)
 
-    def _recover_from_log(self) -> None:
-        config = self.config
-        client = connect_to_log(config.log, LOG_SOCKET_TIMEOUT)
-        try:
-            recovery = recover_from_log(client, config.log_key, self.pipeline)
-        except LogError as problem:
-            raise LogError(f"cannot recover from the log {config.log_key} at "
-                           f"{masked(config.log)}: {problem}") from None
-        except Exception as error:  # the connection failed halfway
-            raise LogError(f"cannot recover from the log {config.log_key} at "
-                           f"{masked(config.log)}: {_log_problem(error, config.log)}") from None
-        finally:
-            client.close()
-        log.info("recovered from the log %s in %.3f s: %s%d entries (%d skipped); %d follows; "
-                 "next expected sequence number %d", config.log_key, recovery.seconds,
-                 "none yet; " if recovery.snapshot_seq is None and not recovery.entries else
-                 f"the snapshot at {recovery.snapshot_seq} and " if recovery.snapshot_seq
-                 else "", recovery.entries, recovery.entries_skipped,
-                 self.exchange.follow_count, self.pipeline.reorder.next_seq)
-        if config.edge:
-            self.log = LogFollower(config.log, config.log_key, self.reactor, recovery,
-                                   self._apply_log_entries)
-        else:
-            self.log = LogAppender(config.log, config.log_key, config.snapshot_every,
-                                   self.reactor, recovery)
-            self.pipeline.on_release = self.log.record
-
     @property
     def event_port(self) -> int:
         return self.event_listener.port if self.event_listener else 0
@@ -1777,20 +1877,7 @@ class Broker:
     def install_signal_handlers(self) -> None:
         """Main thread only. Call before bind(): once the "listening" line is
         out, a signal must already mean a clean stop, not a traceback."""
-        signal.signal(signal.SIGINT, self.handle_signal)
-        signal.signal(signal.SIGTERM, self.handle_signal)
-        signal.set_wakeup_fd(self.reactor.wakeup_descriptor(), warn_on_full_buffer=False)
-        self._handles_signals = True
-
-    def handle_signal(self, signum, frame) -> None:
-        self._signals_seen += 1
-        if self._signals_seen > 1:
-            # The operator insists: no drain, no cleanup beyond the kernel's,
-            # except giving a terminal its cursor back if the live view hid it.
-            if self.observers and sys.stdout.isatty():
-                os.write(sys.stdout.fileno(), b"\x1b[?25h\n")
-            os._exit(128 + signum)
-        self.request_stop()
+        self._signals = SignalStop(self)
 
     def request_stop(self) -> None:
         """First call: drain and stop. Called again while draining: stop now.
@@ -1855,8 +1942,7 @@ class Broker:
                 self.source.close(CloseReason.SHUTDOWN)
             if self.config.edge and self.log is not None:
                 self.log.read_when_ready(False)  # an edge's input is the log
-            for connection in list(self.awaiting_hello):
-                connection.close(CloseReason.SHUTDOWN)
+            self.clients.close(CloseReason.SHUTDOWN, awaiting_hello_only=True)
         if not self.totals.backlogged:
             return True
         if now >= self._stop_deadline or self._stop_now:
@@ -1880,10 +1966,9 @@ class Broker:
             self.log.stop(max(self.config.drain_timeout, 1.0))
         if self.metrics is not None:
             self.metrics.stop()
-        for connection in list(self.clients):
-            connection.close(CloseReason.SHUTDOWN)
-        if self._handles_signals:
-            signal.set_wakeup_fd(-1)  # never let a late signal write to a reused fd
+        self.clients.close(CloseReason.SHUTDOWN)
+        if self._signals is not None:
+            self._signals.uninstall()
         self.reactor.close()
 
     # -- the event source ----------------------------------------------------
@@ -1994,43 +2079,6 @@ class Broker:
                 f" ({detail})" if detail else "", source.bytes_read, duplicates,
                 self.pipeline.reorder.next_seq)
 
-    # -- user clients --------------------------------------------------------
-
-    def _on_client_accepted(self, sock: socket.socket) -> None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-        connection = ClientConnection(sock, time.monotonic(), self.reactor, self.totals,
-                                      self.config.max_client_buffer,
-                                      self._on_client_registered, self._on_client_closed)
-        self.clients[connection] = None
-        self.awaiting_hello[connection] = None
-        log.debug("%s connected", connection.describe())
-
-    def _on_client_registered(self, connection: ClientConnection) -> None:
-        del self.awaiting_hello[connection]
-        self.exchange.subscribe(connection.user_id, connection)
-        log.debug("%s registered", connection.describe())
-
-    def _on_client_closed(self, connection: ClientConnection, reason: CloseReason,
-                          detail: str, unsent: int) -> None:
-        self.clients.pop(connection, None)
-        self.awaiting_hello.pop(connection, None)
-        if connection.user_id is not None:
-            self.exchange.unsubscribe(connection.user_id, connection)
-        self.closes.record("client", connection.peer, connection.user_id, reason, detail)
-        said = f" ({detail})" if detail else ""
-        if reason in (CloseReason.HELLO_TIMEOUT, CloseReason.INVALID_ID):
-            self.problems.warning(reason.value, "%s closed: %s%s", connection.describe(),
-                                  reason.value, said)
-        else:
-            quiet = reason in (CloseReason.CLIENT_QUIT, CloseReason.SHUTDOWN)
-            log.log(logging.INFO if quiet else logging.WARNING,
-                    "%s closed: %s%s; %d notifications sent, %d not delivered",
-                    connection.describe(), reason.value, said,
-                    connection.notifications_sent, unsent)
-
     def _count_accept_error(self) -> None:
         self.accept_errors += 1
 
@@ -2039,16 +2087,7 @@ class Broker:
     def _housekeeping(self, now: float) -> None:
         """Every HOUSEKEEPING_INTERVAL: timeouts, accept retries, rates, and
         the observers (the dashboard)."""
-        config = self.config
-        for connection in [c for c in self.awaiting_hello
-                           if now - c.connected_at >= config.hello_timeout]:
-            connection.close(CloseReason.HELLO_TIMEOUT,
-                             f"no user id within {config.hello_timeout:g} s")
-        for connection in [c for c in self.totals.backlogged
-                           if c.stalled(now, config.write_timeout)]:
-            connection.close(CloseReason.SLOW_CONSUMER_TIMEOUT,
-                             f"nothing written for {config.write_timeout:g} s with "
-                             f"{connection.queued_bytes} bytes queued")
+        self.clients.check_timeouts(now)
         self.problems.flush()
         for listener in (self.event_listener, self.client_listener):
             if listener is not None:
@@ -2076,12 +2115,6 @@ class Broker:
         """
         now = time.monotonic()
         pipeline, reorder, exchange = self.pipeline, self.pipeline.reorder, self.exchange
-        connections = list(self.clients)
-        if top_clients is not None and len(connections) > top_clients:
-            connections = heapq.nlargest(top_clients, connections,
-                                         key=lambda c: c.queued_bytes)
-        else:
-            connections.sort(key=lambda c: c.queued_bytes, reverse=True)
         source = self.source
         return BrokerStats(
             uptime=now - self.started_at,
@@ -2102,7 +2135,7 @@ class Broker:
             bytes_out=self.totals.bytes_sent,
             clients=len(exchange.subscribers),
             connections=len(self.clients),
-            awaiting_hello=len(self.awaiting_hello),
+            awaiting_hello=self.clients.awaiting_hello,
             known_users=len(exchange.following),
             follows=exchange.follow_count,
             bytes_queued=self.totals.queued_bytes,
@@ -2120,14 +2153,7 @@ class Broker:
                 accept_errors=self.accept_errors),
             closes=self.closes.counts(),
             limits=replace(self.config),
-            top_clients=tuple(
-                ClientStats(user_id=c.user_id, peer=c.peer,
-                            queued_notifications=c.queued_notifications,
-                            queued_bytes=c.queued_bytes,
-                            notifications_sent=c.notifications_sent,
-                            bytes_sent=c.bytes_sent,
-                            connected_seconds=now - c.connected_at)
-                for c in connections),
+            top_clients=self.clients.deepest(top_clients, now),
             recently_closed=self.closes.recent(),
             events_by_type=dict(exchange.dispatched_by_type),
             dispatch_latency=self.latency.stats(),
@@ -2346,6 +2372,39 @@ def recover_from_log(client, key: str, pipeline: EventPipeline) -> Recovery:
             last = entry.last
             entries += 1
     return Recovery(snapshot_seq, entries, last, skipped, time.monotonic() - started)
+
+
+def open_log(config: BrokerConfig, reactor: Reactor, pipeline: EventPipeline,
+             apply_entries: Callable) -> LogAppender | LogFollower:
+    """Recover config.log into pipeline, then the role that goes on from
+    there: an edge's LogFollower, which hands entries to apply_entries, or a
+    primary's LogAppender, hooked to the pipeline's releases. LogError when
+    the log cannot be reached or read."""
+    client = connect_to_log(config.log, LOG_SOCKET_TIMEOUT)
+    where = f"the log {config.log_key} at {masked(config.log)}"
+    try:
+        recovery = recover_from_log(client, config.log_key, pipeline)
+    except LogError as problem:
+        raise LogError(f"cannot recover from {where}: {problem}") from None
+    except Exception as error:  # the connection failed halfway
+        raise LogError(f"cannot recover from {where}: "
+                       f"{_log_problem(error, config.log)}") from None
+    finally:
+        client.close()
+    if recovery.snapshot_seq is not None:
+        read = f"the snapshot at {recovery.snapshot_seq} and {recovery.entries} entries"
+    else:
+        read = f"{recovery.entries} entries"
+    log.info("recovered from the log %s in %.3f s: %s (%d skipped); %d follows; next "
+             "expected sequence number %d", config.log_key, recovery.seconds, read,
+             recovery.entries_skipped, pipeline.exchange.follow_count,
+             pipeline.reorder.next_seq)
+    if config.edge:
+        return LogFollower(config.log, config.log_key, reactor, recovery, apply_entries)
+    appender = LogAppender(config.log, config.log_key, config.snapshot_every, reactor,
+                           recovery)
+    pipeline.on_release = appender.record
+    return appender
 
 
 class LogAppender:
@@ -3868,9 +3927,6 @@ def serve(event_port: int = DEFAULTS.event_port, client_port: int = DEFAULTS.cli
         broker.serve_forever()
     finally:
         _serving.remove(broker)
-        if broker._handles_signals:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def stop() -> None:
