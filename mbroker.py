@@ -9,8 +9,12 @@ concerns. The behaviour contract is docs/behaviour.md; README.md is the guide.
     python3 mbroker.py [EVENT_PORT [CLIENT_PORT]]     # defaults 9090 9099
 
 The file is cut into sections, each opened by the rules it keeps:
-configuration, protocol, reorder buffer, exchange, transport, reactor,
-stats and dashboard, command line. Only transport and reactor touch sockets.
+configuration, protocol, reorder buffer, exchange, transport, reactor, log,
+stats, metrics, dashboard, and command line and Python entry points. The
+first four are the pure core: bytes and events in, deliveries out, no
+sockets. Transport and reactor drive the loop's sockets; the log (Redis)
+and the metrics (HTTP) have their own threads, which reach the loop only
+through Reactor.call_in_loop.
 """
 
 from __future__ import annotations
