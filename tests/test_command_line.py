@@ -108,3 +108,46 @@ def test_log_level_warning_hides_info_lines_and_debug_shows_registrations(
         chatty.wait_for_log(r"\(user 1\) registered")
     assert chatty.stop() == 0
     assert " DEBUG " in chatty.log() and "(user 1) registered" in chatty.log()
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["70000", "9099"], "mbroker: EVENT_PORT must be between 0 and 65535, not 70000"),
+    (["9090", "-1"], "mbroker: CLIENT_PORT must be between 0 and 65535, not -1"),
+    (["9090", "9090"], "mbroker: EVENT_PORT, CLIENT_PORT and --metrics-port must differ"),
+    (["--metrics-port", "9099", "9090", "9099"],
+     "mbroker: EVENT_PORT, CLIENT_PORT and --metrics-port must differ"),
+    (["--max-pending", "0"], "mbroker: --max-pending must be at least 1"),
+    (["--write-timeout", "nan"], "mbroker: --write-timeout must be positive"),
+    (["--max-line", "5000"], "mbroker: --max-line must be at most 4300 (the longest number "
+                             "this Python parses; see sys.set_int_max_str_digits)"),
+    (["--edge", "9099"], "mbroker: --edge follows a log: give --log redis://HOST:PORT/DB too"),
+    (["--edge", "--log", "redis://127.0.0.1:1/0", "9090", "9099"],
+     "mbroker: an edge has no event port: give only CLIENT_PORT"),
+    (["--log", "http://127.0.0.1/"],
+     "mbroker: --log must be a redis://, rediss:// or unix:// URL, not http://127.0.0.1/"),
+])
+def test_a_bad_setting_is_one_line_naming_it_as_the_operator_wrote_it_with_exit_code_2(
+        arguments, message):
+    result = run_mbroker(*arguments)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [message]
+
+
+def test_log_level_is_taken_in_any_case(start_broker_process):
+    process = start_broker_process("--log-level", "debug")
+    connect_client(process.client_port, 3)
+    process.wait_for_log(r"DEBUG client .* \(user 3\) registered")
+
+
+def test_without_rich_the_dashboard_says_how_to_install_it_and_prints_status_lines(
+        monkeypatch, caplog):
+    class Terminal:
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setitem(sys.modules, "rich", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "rich.console", None)
+    view = mbroker.make_dashboard(Terminal())
+    assert type(view).__name__ == "StatusLinePrinter"
+    assert "rich is not installed (pip install rich, or pip install 'mbroker[dashboard]')" \
+        in caplog.text

@@ -5,6 +5,7 @@ newer source takes over from an older one."""
 
 from __future__ import annotations
 
+import logging
 import select
 import socket
 import threading
@@ -151,3 +152,30 @@ def test_older_source_readable_in_the_same_wakeup_as_the_takeover_leaves_the_new
     assert stats.closes["source_replaced"] == 1
     assert stats.closes["source_error"] == 0, stats.recently_closed
     assert read_until_closed(old, timeout=2.0).closed
+
+
+def test_a_new_source_starting_again_at_1_is_told_why_its_events_vanish(broker, caplog):
+    caplog.set_level(logging.INFO, logger="mbroker")  # the source's close line is INFO
+    client = connect_client(broker.client_port, 2, wait_registered=broker)
+    first = connect_source(broker.event_port)
+    first.sendall(b"1|P|1|2\r\n2|P|1|2\r\n3|P|1|2\r\n")
+    expect(client, b"1|P|1|2\r\n2|P|1|2\r\n3|P|1|2\r\n")
+    first.close()
+    wait_until(lambda: not broker.stats().source.connected)
+    second = connect_source(broker.event_port)  # a second load run, say
+    second.sendall(b"1|P|9|2\r\n2|P|9|2\r\n")
+    wait_until(lambda: broker.stats().counters.duplicate == 2)
+    second.close()
+    wait_until(lambda: broker.stats().source.connections == 2
+               and not broker.stats().source.connected)
+    warning = next(record for record in caplog.records if "were already dispatched" in
+                   record.getMessage())
+    assert warning.levelname == "WARNING"
+    assert "2 events dropped as duplicates (sequence numbers 1..2 were already dispatched or " \
+           "waiting; next expected 4); a source that starts a new stream from 1 needs a " \
+           "fresh broker" in warning.getMessage()
+    closed = [record.getMessage() for record in caplog.records
+              if "closed: source_quit" in record.getMessage()]
+    assert "0 events dropped as duplicates" in closed[0]
+    assert "2 events dropped as duplicates" in closed[1]
+    assert_nothing_more(client)
