@@ -2378,6 +2378,75 @@ def recover_from_log(client, key: str, pipeline: EventPipeline) -> Recovery:
     return Recovery(snapshot_seq, entries, last, skipped, time.monotonic() - started)
 
 
+class LogThread:
+    """A thread of the log's, with its own connection to Redis: it connects,
+    and after a lost connection reconnects with backoff (LOG_RETRY_FIRST,
+    doubling to LOG_RETRY_MAX), logs each loss and counts it, and tells the
+    loop its state through call_in_loop. A subclass says when there is work
+    (_wait_for_work), what a round of it is (_work), and what an error other
+    than a lost connection means (_fails)."""
+
+    def __init__(self, url: str, key: str, reactor: Reactor, name: str, timeout: float):
+        self.url, self.key = url, key
+        self.state = "connecting"
+        self.reconnects = 0
+        self.failure: str | None = None  # set when the work cannot go on
+        self._reactor = reactor
+        self._timeout = timeout
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=name)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        call = self._reactor.call_in_loop
+        client = None
+        delay = LOG_RETRY_FIRST
+        while self._wait_for_work():
+            try:
+                if client is None:
+                    client = connect_to_log(self.url, self._timeout)
+                    call(partial(self._state_changed, "connected"))
+                    self._connected()
+                self._work(client)
+                delay = LOG_RETRY_FIRST
+            except Exception as error:
+                if client is not None and not isinstance(error, _connection_errors()):
+                    if self._fails(_log_problem(error, self.url), delay):
+                        return
+                else:
+                    call(partial(self._state_changed, "reconnecting"))
+                    log.warning("log %s: %s; retrying in %.1f s", self.key,
+                                _lost_connection(error, self.url), delay)
+                client = None
+                if self._stopping.wait(delay):
+                    return
+                delay = min(delay * 2, LOG_RETRY_MAX)
+
+    def _state_changed(self, state: str, failure: str | None = None) -> None:
+        """On the loop: the thread's news."""
+        if state == "reconnecting" and self.state != "reconnecting":
+            self.reconnects += 1
+        self.state = state
+        if failure is not None:
+            self.failure = failure
+
+    def _wait_for_work(self) -> bool:
+        """Block until there is work (True) or the thread is to end (False)."""
+        raise NotImplementedError
+
+    def _work(self, client) -> None:
+        raise NotImplementedError
+
+    def _connected(self) -> None:
+        """Connected (again): for the log line."""
+
+    def _fails(self, problem: str, delay: float) -> bool:
+        """An error that is not a lost connection: True ends the thread."""
+        raise NotImplementedError
+
+
 def open_log(config: BrokerConfig, reactor: Reactor, pipeline: EventPipeline,
              apply_entries: Callable) -> LogAppender | LogFollower:
     """Recover config.log into pipeline, then the role that goes on from
@@ -2411,24 +2480,21 @@ def open_log(config: BrokerConfig, reactor: Reactor, pipeline: EventPipeline,
     return appender
 
 
-class LogAppender:
+class LogAppender(LogThread):
     """The primary's side of the log: the loop records what the reorder
-    buffer releases and cuts it into entries; a thread writes them, in
-    order, retrying (with backoff) until Redis has each one."""
+    buffer releases and cuts it into entries; the thread writes them, in
+    order, retrying until Redis has each one."""
 
     def __init__(self, url: str, key: str, snapshot_every: int, reactor: Reactor,
                  recovery: Recovery):
-        self.url, self.key, self.snapshot_every = url, key, snapshot_every
-        self.state = "connecting"
+        super().__init__(url, key, reactor, "mbroker-log-writer", LOG_SOCKET_TIMEOUT)
+        self.snapshot_every = snapshot_every
         self.position = recovery.last_seq  # the last SEQ Redis holds
         self.recovery = recovery
         self.entries_written = 0
-        self.reconnects = 0
         self.snapshots = 0
         self.snapshot_seq = recovery.snapshot_seq
         self.unwritten = 0  # events handed to the writer, not yet in Redis
-        self.failure: str | None = None  # set when appending cannot go on
-        self._reactor = reactor
         self._after = self._last = recovery.last_seq
         self._lines: list[bytes] = []  # released since the last cut, joined per release
         self._line_count = 0
@@ -2436,13 +2502,9 @@ class LogAppender:
         self._previous_snapshot = recovery.snapshot_seq
         self._snapshot: SnapshotBuilder | None = None
         self._on_snapshot_done: Callable[[], None] | None = None
-        self._work: queue.SimpleQueue = queue.SimpleQueue()
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._write_forever, daemon=True,
-                                        name="mbroker-log-writer")
-
-    def start(self) -> None:
-        self._thread.start()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()  # to the thread; None: stop
+        self._pending: deque = deque()  # the thread's: taken from the queue, not in Redis
+        self._stop_seen = False  # the thread's
 
     # -- the loop's side -----------------------------------------------------
 
@@ -2472,7 +2534,7 @@ class LogAppender:
         if self.failure is not None:
             return  # kept back; the source is paused (may_continue)
         text = b"\n".join(self._lines) + b"\n" if self._lines else b""
-        self._work.put(LogEntry(self._after, self._last, text, time.time()))
+        self._queue.put(LogEntry(self._after, self._last, text, time.time()))
         self.unwritten += self._line_count
         self._lines, self._line_count = [], 0
         self._since_snapshot += self._last - self._after
@@ -2511,13 +2573,13 @@ class LogAppender:
         # less than one interval behind then reads on instead of reloading.
         trim_below = self._previous_snapshot
         self._previous_snapshot = snapshot.seq
-        self._work.put(("snapshot", snapshot.seq, snapshot.text(), trim_below))
+        self._queue.put(("snapshot", snapshot.seq, snapshot.text(), trim_below))
         self._on_snapshot_done()
 
     def stop(self, timeout: float) -> None:
         """Write what was handed over (up to timeout), then end the thread."""
         self.cut()
-        self._work.put(None)
+        self._queue.put(None)
         if self._thread.is_alive():
             self._thread.join(timeout)
         self._stopping.set()
@@ -2540,57 +2602,35 @@ class LogAppender:
         self.unwritten -= events
         self.entries_written += 1
 
-    def _state_changed(self, state: str, failure: str | None = None) -> None:
-        if state == "reconnecting" and self.state != "reconnecting":
-            self.reconnects += 1
-        self.state = state
-        if failure is not None:
-            self.failure = failure
-
     def _snapshot_written(self, seq: int) -> None:
         self.snapshots += 1
         self.snapshot_seq = seq
 
     # -- the writer thread ---------------------------------------------------
 
-    def _write_forever(self) -> None:
-        call = self._reactor.call_in_loop
-        client = None
-        delay = LOG_RETRY_FIRST
-        pending: deque = deque()  # taken from the queue, not yet in Redis
-        stop_seen = False
-        while pending or not stop_seen:
-            while len(pending) < LOG_WRITE_BATCH and not stop_seen:
-                try:
-                    item = self._work.get(block=not pending)
-                except queue.Empty:
-                    break
-                if item is None:
-                    stop_seen = True
-                else:
-                    pending.append(item)
-            if not pending:
-                break
+    def _wait_for_work(self) -> bool:
+        pending = self._pending
+        while len(pending) < LOG_WRITE_BATCH and not self._stop_seen:
             try:
-                if client is None:
-                    client = connect_to_log(self.url, LOG_SOCKET_TIMEOUT)
-                    call(partial(self._state_changed, "connected"))
-                    log.info("log %s at %s: connected", self.key, masked(self.url))
-                self._write(client, pending)
-                delay = LOG_RETRY_FIRST
-            except Exception as error:
-                if client is not None and not isinstance(error, _connection_errors()):
-                    failure = _log_problem(error, self.url)
-                    call(partial(self._state_changed, "failed", failure))
-                    log.error("log %s: %s; the event source stays paused", self.key, failure)
-                    return
-                client = None
-                call(partial(self._state_changed, "reconnecting"))
-                log.warning("log %s: %s; retrying in %.1f s", self.key,
-                            _lost_connection(error, self.url), delay)
-                if self._stopping.wait(delay):
-                    return
-                delay = min(delay * 2, LOG_RETRY_MAX)
+                item = self._queue.get(block=not pending)
+            except queue.Empty:
+                break
+            if item is None:
+                self._stop_seen = True
+            else:
+                pending.append(item)
+        return bool(pending)
+
+    def _work(self, client) -> None:
+        self._write(client, self._pending)
+
+    def _connected(self) -> None:
+        log.info("log %s at %s: connected", self.key, masked(self.url))
+
+    def _fails(self, problem: str, delay: float) -> bool:
+        self._reactor.call_in_loop(partial(self._state_changed, "failed", problem))
+        log.error("log %s: %s; the event source stays paused", self.key, problem)
+        return True
 
     def _write(self, client, pending: deque) -> None:
         """Write pending items in order, removing each once Redis has it."""
@@ -2643,7 +2683,7 @@ class LogAppender:
                        f"entry is {newest_id}: is another primary writing to {self.key}?")
 
 
-class LogFollower:
+class LogFollower(LogThread):
     """An edge's side of the log: a thread reads the stream with a blocking
     XREAD on its own connection and hands the loop one batch of entries at
     a time; it reads the next batch only once the loop has dispatched the
@@ -2653,29 +2693,21 @@ class LogFollower:
 
     def __init__(self, url: str, key: str, reactor: Reactor, recovery: Recovery,
                  apply: Callable[[list[LogEntry], tuple | None], None]):
-        self.url, self.key = url, key
-        self.state = "connecting"
+        super().__init__(url, key, reactor, "mbroker-log-reader",
+                         LOG_READ_BLOCK + LOG_SOCKET_TIMEOUT)
         self.recovery = recovery
         self.position = recovery.last_seq  # the last SEQ applied
         self.primary_position = recovery.last_seq  # the newest SEQ in the stream, last seen
         self.lag_seconds = 0.0  # how late the last entry was applied
         self.entries_read = 0
         self.entries_skipped = recovery.entries_skipped
-        self.reconnects = 0
         self.missed = 0  # SEQ numbers skipped over by reloading from a snapshot
         self.snapshot_seq = recovery.snapshot_seq
-        self._reactor = reactor
         self._apply = apply
         self._cursor = f"{recovery.last_seq}-0"  # the thread's: the last id read
         self._read_up_to = recovery.last_seq  # the thread's: the last SEQ read
         self._may_read = threading.Event()
         self._may_read.set()
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._read_forever, daemon=True,
-                                        name="mbroker-log-reader")
-
-    def start(self) -> None:
-        self._thread.start()
 
     def read_when_ready(self, reading: bool) -> None:
         """Let the thread read the next batch (reading) or hold it back."""
@@ -2732,44 +2764,26 @@ class LogFollower:
             self.entries_read += len(entries)
         self.primary_position = max(primary_position, self.position)
 
-    def _state_changed(self, state: str) -> None:
-        if state == "reconnecting" and self.state != "reconnecting":
-            self.reconnects += 1
-        self.state = state
-
     # -- the reader thread ---------------------------------------------------
 
-    def _read_forever(self) -> None:
-        call = self._reactor.call_in_loop
-        client = None
-        delay = LOG_RETRY_FIRST
-        while not self._stopping.is_set():
-            if not self._may_read.wait(LOG_READ_BLOCK) or self._stopping.is_set():
-                continue
-            try:
-                if client is None:
-                    client = connect_to_log(self.url, LOG_READ_BLOCK + LOG_SOCKET_TIMEOUT)
-                    call(partial(self._state_changed, "connected"))
-                    log.info("log %s at %s: connected; reading after sequence number %d",
-                             self.key, masked(self.url), self._read_up_to)
-                batch = self._read(client)
-                delay = LOG_RETRY_FIRST
-            except Exception as error:
-                if client is not None and not isinstance(error, _connection_errors()):
-                    log.error("log %s: %s; reading again in %.1f s", self.key,
-                              _log_problem(error, self.url), delay)
-                else:
-                    call(partial(self._state_changed, "reconnecting"))
-                    log.warning("log %s: %s; retrying in %.1f s", self.key,
-                                _lost_connection(error, self.url), delay)
-                client = None
-                if self._stopping.wait(delay):
-                    return
-                delay = min(delay * 2, LOG_RETRY_MAX)
-                continue
-            if batch is not None:
-                self._may_read.clear()  # the loop sets it again once it has dispatched
-                call(partial(self._hand_over, *batch))
+    def _wait_for_work(self) -> bool:
+        while not self._may_read.wait(LOG_READ_BLOCK):
+            pass  # held back by the loop (backpressure), or about to stop
+        return not self._stopping.is_set()
+
+    def _work(self, client) -> None:
+        batch = self._read(client)
+        if batch is not None:
+            self._may_read.clear()  # the loop sets it again once it has dispatched
+            self._reactor.call_in_loop(partial(self._hand_over, *batch))
+
+    def _connected(self) -> None:
+        log.info("log %s at %s: connected; reading after sequence number %d", self.key,
+                 masked(self.url), self._read_up_to)
+
+    def _fails(self, problem: str, delay: float) -> bool:
+        log.error("log %s: %s; reading again in %.1f s", self.key, problem, delay)
+        return False
 
     def _read(self, client) -> tuple | None:
         """The next batch, as _hand_over's arguments; None if nothing came.
