@@ -2528,8 +2528,9 @@ class LogAppender(LogThread):
         if self._last == self._after:
             return
         if self._last >= LOG_ENTRY_ID_LIMIT and self.failure is None:
-            self.failure = (f"sequence number {self._last} is past what a Redis stream id "
-                            f"holds ({LOG_ENTRY_ID_LIMIT - 1}); nothing more can be logged")
+            self._state_changed("failed", f"sequence number {self._last} is past what a Redis "
+                                          f"stream id holds ({LOG_ENTRY_ID_LIMIT - 1}); nothing "
+                                          f"more can be logged")
             log.error("log %s: %s; the event source stays paused", self.key, self.failure)
         if self.failure is not None:
             return  # kept back; the source is paused (may_continue)
@@ -2542,13 +2543,13 @@ class LogAppender(LogThread):
 
     def may_continue(self) -> bool:
         """Whether the loop may dispatch more (deliver's answer): not while
-        the writer is far behind, nor once a snapshot is due."""
-        return self.unwritten <= LOG_MAX_UNWRITTEN and self.failure is None and \
-            self._snapshot is None and not self.snapshot_due()
+        Redis is away or the writer far behind, nor once a snapshot is due."""
+        return self.unwritten <= LOG_MAX_UNWRITTEN and self.state != "reconnecting" and \
+            self.failure is None and self._snapshot is None and not self.snapshot_due()
 
     def may_resume(self) -> bool:
-        return self.unwritten <= LOG_MAX_UNWRITTEN // 2 and self.failure is None and \
-            self._snapshot is None
+        return self.unwritten <= LOG_MAX_UNWRITTEN // 2 and self.state != "reconnecting" \
+            and self.failure is None and self._snapshot is None
 
     def snapshot_due(self) -> bool:
         return self._since_snapshot >= self.snapshot_every and self._snapshot is None and \
@@ -3837,12 +3838,22 @@ def make_dashboard(stream=None) -> LiveDashboard | StatusLinePrinter:
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in --help, but for options that are off by default (None),
+    whose help says so, and the ports, whose help states their default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mbroker",
         description="Follower-maze message broker: reorders the event source's stream "
                     "and forwards each event to the user clients it concerns.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     for item in fields(BrokerConfig):
         help_text = item.metadata.get("help")
         if help_text is None:

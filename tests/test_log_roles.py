@@ -109,10 +109,13 @@ def connect_everyone(broker: BrokerProcess, port: int) -> dict[int, object]:
     return clients
 
 
-def assert_received(clients: dict, expected: dict[int, bytes]) -> None:
+def assert_received(clients: dict, expected: dict[int, bytes],
+                    broker: BrokerProcess | None = None) -> None:
     for user, sock in clients.items():
-        assert receive_exactly(sock, len(expected[user]), timeout=LOG_WAIT) == expected[user], \
-            f"user {user}"
+        received = receive_exactly(sock, len(expected[user]), timeout=LOG_WAIT)
+        assert received == expected[user], \
+            f"user {user}: {len(received)} of {len(expected[user])} bytes" + (
+                f"\nbroker log:\n{broker.log(last=80)}" if broker is not None else "")
 
 
 # -- several brokers, one stream ----------------------------------------------------------
@@ -151,7 +154,7 @@ def test_a_primary_killed_mid_stream_recovers_and_sends_what_one_that_never_cras
     wait_until(lambda: newest_seq(redis_server) == 3000, LOG_WAIT)
     clients = connect_everyone(primary, primary.client_port)
     source.sendall(shuffled(second, seed=5))
-    assert_received(clients, never_crashed(lines, 3000))
+    assert_received(clients, never_crashed(lines, 3000), primary)
     primary.wait_for_log(rf"{logged} events dropped as duplicates", timeout=WAIT)
     assert primary.stop() == 0
 
