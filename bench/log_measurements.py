@@ -603,6 +603,8 @@ def print_fanout(runs: list[dict], idle: list[dict], setups: dict[str, int],
 def measure_redis(session: Session, arguments: argparse.Namespace) -> dict:
     runs: list[dict] = []
     extra = ["--pregenerate"] if arguments.pregenerate else []
+    if arguments.rate:
+        extra += ["--rate", str(arguments.rate)]
     for run in range(1, arguments.runs + 1):
         for edge_count in arguments.edges:
             key = session.new_key()
@@ -637,8 +639,9 @@ def measure_redis(session: Session, arguments: argparse.Namespace) -> dict:
 
 def print_redis(runs: list[dict], arguments: argparse.Namespace) -> None:
     print(f"\nRedis's share: {arguments.events:,} events at the harness defaults"
-          f"{', pregenerated' if arguments.pregenerate else ', streamed'}, a primary and "
-          f"E edges, the 100 clients spread over the edges, --snapshot-every "
+          f"{', pregenerated' if arguments.pregenerate else ', streamed'}"
+          f"{f', paced at {arguments.rate:,}/s' if arguments.rate else ', unpaced'}, a "
+          f"primary and E edges, the 100 clients spread over the edges, --snapshot-every "
           f"{arguments.snapshot_every:,}; Redis's own counters "
           f"(INFO cpu, stats, commandstats)")
     rows = []
@@ -898,6 +901,8 @@ def main() -> int:
                        help="edge counts to compare, comma-separated")
     redis.add_argument("--runs", type=int, default=3)
     redis.add_argument("--snapshot-every", type=int, default=NO_TRIM, help=SNAPSHOT_HELP)
+    redis.add_argument("--rate", type=int, help="pace maze at this many events/s (small "
+                                                 "log entries); default: unpaced")
     redis.add_argument("--streamed", dest="pregenerate", action="store_false",
                        help="generate while sending (default: --pregenerate)")
 
