@@ -118,6 +118,9 @@ class BrokerConfig:
                                "with no event port")
     snapshot_every: int = option(100_000, "the primary snapshots the follow graph every so "
                                            "many sequence numbers, and trims the log")
+    log_retention: float = option(5.0, "seconds of entries the primary keeps in the log at "
+                                       "least when it trims, so that an edge that far behind "
+                                       "reads on instead of reloading from a snapshot")
     metrics_port: int | None = option(None, "serve Prometheus metrics (GET /metrics) and "
                                             "GET /healthz on this port, at the same address as "
                                             "the others (0: any free port); off: no HTTP",
@@ -152,6 +155,8 @@ class BrokerConfig:
             if item.name.startswith("max_") and value < 1 or \
                     item.name == "snapshot_every" and value < 1:
                 return f"{name} must be at least 1"
+            if item.name == "log_retention" and not value >= 0:  # also refuses nan
+                return f"{name} must be 0 or more"
             if item.name.endswith("_timeout") and not value > 0:  # also refuses nan
                 return f"{name} must be positive"
         ports = [port for port in (None if self.edge else self.event_port, self.client_port,
@@ -2474,8 +2479,8 @@ def open_log(config: BrokerConfig, reactor: Reactor, pipeline: EventPipeline,
              pipeline.reorder.next_seq)
     if config.edge:
         return LogFollower(config.log, config.log_key, reactor, recovery, apply_entries)
-    appender = LogAppender(config.log, config.log_key, config.snapshot_every, reactor,
-                           recovery)
+    appender = LogAppender(config.log, config.log_key, config.snapshot_every,
+                           config.log_retention, reactor, recovery)
     pipeline.on_release = appender.record
     return appender
 
@@ -2485,10 +2490,11 @@ class LogAppender(LogThread):
     buffer releases and cuts it into entries; the thread writes them, in
     order, retrying until Redis has each one."""
 
-    def __init__(self, url: str, key: str, snapshot_every: int, reactor: Reactor,
-                 recovery: Recovery):
+    def __init__(self, url: str, key: str, snapshot_every: int, retention: float,
+                 reactor: Reactor, recovery: Recovery):
         super().__init__(url, key, reactor, "mbroker-log-writer", LOG_SOCKET_TIMEOUT)
         self.snapshot_every = snapshot_every
+        self.retention = retention
         self.position = recovery.last_seq  # the last SEQ Redis holds
         self.recovery = recovery
         self.entries_written = 0
@@ -2499,7 +2505,10 @@ class LogAppender(LogThread):
         self._lines: list[bytes] = []  # released since the last cut, joined per release
         self._line_count = 0
         self._since_snapshot = 0
-        self._previous_snapshot = recovery.snapshot_seq
+        # (SEQ, time) of the snapshots the stream may still be trimmed to, oldest first.
+        self._trim_points: deque[tuple[int, float]] = deque()
+        if recovery.snapshot_seq is not None:
+            self._trim_points.append((recovery.snapshot_seq, time.monotonic()))
         self._snapshot: SnapshotBuilder | None = None
         self._on_snapshot_done: Callable[[], None] | None = None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()  # to the thread; None: stop
@@ -2570,10 +2579,16 @@ class LogAppender(LogThread):
             self._reactor.call_soon(self._snapshot_step)
             return
         snapshot, self._snapshot = self._snapshot, None
-        # Trim to the snapshot before this one, not to this one: an edge
-        # less than one interval behind then reads on instead of reloading.
-        trim_below = self._previous_snapshot
-        self._previous_snapshot = snapshot.seq
+        # Trim to the newest earlier snapshot that is at least --log-retention
+        # old, never to this one: an edge that less far behind reads on
+        # instead of reloading, and Redis holds at most that many seconds of
+        # entries plus an interval.
+        now = time.monotonic()
+        points = self._trim_points
+        trim_below = None
+        while points and now - points[0][1] >= self.retention:
+            trim_below = points.popleft()[0]
+        points.append((snapshot.seq, now))
         self._queue.put(("snapshot", snapshot.seq, snapshot.text(), trim_below))
         self._on_snapshot_done()
 
@@ -2815,8 +2830,11 @@ class LogFollower(LogThread):
                     break
             entries.append(entry)
             read_up_to = entry.last
-        newest = client.xrevrange(self.key, count=1)
-        primary_position = int(newest[0][0].partition(b"-")[0]) if newest else 0
+        if len(reply[0][1]) < LOG_READ_BATCH:
+            primary_position = read_up_to  # a short read: nothing newer is there
+        else:  # behind: how far? (the newest entry comes whole; a full read is rare)
+            newest = client.xrevrange(self.key, count=1)
+            primary_position = int(newest[0][0].partition(b"-")[0]) if newest else 0
         self._cursor, self._read_up_to = cursor, read_up_to
         return entries, reload, skipped, primary_position
 

@@ -144,7 +144,7 @@ def test_snapshots_trim_the_stream_and_recovery_from_snapshot_and_tail_equals_th
     longest = 0
     for key, every in (("trimmed", 200), ("whole", 10**9)):
         with mbroker.running(log=redis_server.url, log_key=key, snapshot_every=every,
-                             dispatch_slice=64, flush_lines=64) as broker:
+                             log_retention=0, dispatch_slice=64, flush_lines=64) as broker:
             source = connect_source(broker.event_port)
             for start in range(0, len(stream_bytes), 4096):
                 source.sendall(stream_bytes[start:start + 4096])
@@ -155,7 +155,8 @@ def test_snapshots_trim_the_stream_and_recovery_from_snapshot_and_tail_equals_th
                 wait_until(lambda: broker.stats().log.snapshots >= 10, LOG_WAIT)
     trimmed, whole = stream(redis_server, "trimmed"), stream(redis_server, "whole")
     assert whole[0].after == 0 and covered(whole) == list(range(1, 3001))
-    # Only entries since the snapshot before the latest stay: two intervals at most.
+    # With no retention, only entries since the snapshot before the latest
+    # stay: two intervals at most.
     assert trimmed[-1].last - trimmed[0].after <= 2 * 200 + 64
     assert len(trimmed) < len(whole) / 5
     recovered = {}
@@ -167,6 +168,20 @@ def test_snapshots_trim_the_stream_and_recovery_from_snapshot_and_tail_equals_th
         assert (recovery.snapshot_seq is None) == (key == "whole")
     assert recovered["trimmed"] == recovered["whole"]
     assert recovered["whole"][0] == 3001
+
+
+def test_entries_younger_than_the_retention_stay_when_snapshots_trim(redis_server):
+    # Snapshots every 200 numbers, but a minute of retention: nothing is old
+    # enough to be trimmed, so an edge far behind would still read on.
+    with mbroker.running(log=redis_server.url, snapshot_every=200, log_retention=60,
+                         dispatch_slice=64, flush_lines=64) as broker:
+        source = connect_source(broker.event_port)
+        for first in range(1, 3001, 300):
+            source.sendall(events(first, first + 299))
+            wait_until(lambda first=first: broker.stats().log.position == first + 299, LOG_WAIT)
+        assert broker.stats().log.snapshots >= 10
+    entries = stream(redis_server)
+    assert entries[0].after == 0 and covered(entries) == list(range(1, 3001))
 
 
 def test_a_foreign_entry_is_skipped_with_an_error_line_at_recovery(redis_server, caplog):

@@ -212,7 +212,7 @@ def test_a_redis_restart_mid_stream_loses_and_duplicates_nothing(start, redis_se
 def test_an_edge_behind_the_trimmed_log_reloads_from_the_snapshot_and_says_what_it_missed(
         start, redis_server):
     lines = event_lines(8000, seed=13)
-    primary = start("--snapshot-every", "500")
+    primary = start("--snapshot-every", "500", "--log-retention", "0")
     edge = start("--edge")
     source = connect_source(primary.event_port)
     source.sendall(shuffled(lines[:1000]))
