@@ -293,8 +293,9 @@ def test_paced_run_reports_latency_of_every_notification_and_the_schedule(tmp_pa
     assert sender["writes"] >= 2000 // 20
     assert sender["achieved_events_per_second"] > 0
     assert 0 <= sender["final_lag_seconds"] <= sender["max_lag_seconds"]
-    # The last of 100 writes is due 99 ms after the first: the schedule was kept to.
-    assert report["seconds"] >= 0.099
+    # The last of 100 writes is due 99 ms after the schedule's start, and the
+    # first is at most max_lag late: the writes were spread, not sent at once.
+    assert report["seconds"] >= 0.099 - sender["max_lag_seconds"]
     assert "mode: broker, streaming, paced at 20,000 events/s" in result.stdout
     assert "latency: p50 " in result.stdout
     assert "sender: paced at 20,000 events/s, 20 events per write" in result.stdout
