@@ -1819,7 +1819,6 @@ class Broker:
         self.closes = CloseLedger()
         self.clients = ClientTable(config, self.reactor, self.exchange, self.closes,
                                    self.problems)
-        self.totals = self.clients.totals
         self.log: LogAppender | LogFollower | None = None  # see open()
         self.rates = RateMeter()
         self.latency = LatencyHistogram()
@@ -1952,11 +1951,11 @@ class Broker:
             if self.config.edge and self.log is not None:
                 self.log.read_when_ready(False)  # an edge's input is the log
             self.clients.close(CloseReason.SHUTDOWN, awaiting_hello_only=True)
-        if not self.totals.backlogged:
+        if not self.clients.totals.backlogged:
             return True
         if now >= self._stop_deadline or self._stop_now:
             log.warning("drain timeout: %d clients still had %d bytes queued",
-                        len(self.totals.backlogged), self.totals.queued_bytes)
+                        len(self.clients.totals.backlogged), self.clients.totals.queued_bytes)
             return True
         return False
 
@@ -2026,7 +2025,7 @@ class Broker:
             self.log.cut()
             if not self.log.may_continue():
                 return False
-        return self.totals.queued_bytes <= self.config.max_buffered
+        return self.clients.totals.queued_bytes <= self.config.max_buffered
 
     def _input(self) -> SourceConnection | LogFollower | None:
         """Where events come from: the event source, or an edge's log."""
@@ -2036,10 +2035,10 @@ class Broker:
         if self.source_paused:
             return
         self.source_paused = True
-        self._paused_by_clients = self.totals.queued_bytes > self.config.max_buffered
+        self._paused_by_clients = self.clients.totals.queued_bytes > self.config.max_buffered
         if self._paused_by_clients:
             log.warning("backpressure: %d bytes queued toward clients (--max-buffered=%d); "
-                        "pausing the event source", self.totals.queued_bytes,
+                        "pausing the event source", self.clients.totals.queued_bytes,
                         self.config.max_buffered)
         else:
             log.debug("pausing the event source while the log catches up")
@@ -2048,13 +2047,13 @@ class Broker:
 
     def _maybe_resume_source(self) -> None:
         if not self.source_paused or self.stopping or \
-                self.totals.queued_bytes > self.config.max_buffered // 2 or \
+                self.clients.totals.queued_bytes > self.config.max_buffered // 2 or \
                 self.log is not None and not self.log.may_resume():
             return  # a drain delivers what was dispatched; nothing more is dispatched
         self.source_paused = False
         log.log(logging.INFO if self._paused_by_clients else logging.DEBUG,
                 "backpressure relieved: %d bytes queued; resuming the event source",
-                self.totals.queued_bytes)
+                self.clients.totals.queued_bytes)
         self._dispatch()
         if not self.source_paused and self._input() is not None:
             self._input().read_when_ready(True)
@@ -2103,7 +2102,7 @@ class Broker:
                 listener.resume_if_due(now)
                 listener.take_spare()
         self.rates.sample(now, self.pipeline.events_in, self.exchange.dispatched,
-                          self.exchange.notifications, self.totals.bytes_sent)
+                          self.exchange.notifications, self.clients.totals.bytes_sent)
         for observer in list(self.observers):
             try:
                 observer(self, now)
@@ -2141,13 +2140,13 @@ class Broker:
             events_in=pipeline.events_in,
             events_dispatched=exchange.dispatched,
             notifications=exchange.notifications,
-            bytes_out=self.totals.bytes_sent,
+            bytes_out=self.clients.totals.bytes_sent,
             clients=len(exchange.subscribers),
             connections=len(self.clients),
             awaiting_hello=self.clients.awaiting_hello,
             known_users=len(exchange.following),
             follows=exchange.follow_count,
-            bytes_queued=self.totals.queued_bytes,
+            bytes_queued=self.clients.totals.queued_bytes,
             rates=self.rates.per_second(),
             log=self.log.stats() if self.log is not None else None,
             counters=Counters(
