@@ -203,3 +203,20 @@ def test_without_prometheus_client_metrics_port_is_one_line(monkeypatch):
     with pytest.raises(mbroker.MetricsUnavailable, match=r"pip install 'mbroker\[metrics\]'"), \
             mbroker.running(metrics_port=0):
         pass
+
+
+def test_a_scraper_that_stalls_mid_request_never_stalls_the_broker_or_other_scrapes(
+        start_broker):
+    import socket
+
+    broker = start_broker(metrics_port=0)
+    port = broker.broker.metrics.port
+    stalled = socket.create_connection(("127.0.0.1", port), timeout=5)
+    stalled.sendall(b"GET /metr")  # and never the rest
+    try:
+        client = connect_client(broker.client_port, 1, wait_registered=broker)
+        connect_source(broker.event_port).sendall(b"1|B\r\n")
+        assert receive_exactly(client, 5) == b"1|B\r\n"
+        assert value(scrape(port), "mbroker_notifications") == 1
+    finally:
+        stalled.close()
